@@ -1,0 +1,370 @@
+"""Run configuration: typed dataclasses, YAML round trip, presets and ``a.b=c`` overrides.
+
+One :class:`RunConfig` describes a whole MKDT run (MKDT.md stages 1-5). Every field has the
+paper's default unless a preset says otherwise; :meth:`RunConfig.validate` turns bad values into
+a :class:`ConfigError` that names the field and what to do.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+from dataclasses import asdict, dataclass, field, fields
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A configuration value is missing, of the wrong type or out of range."""
+
+
+@dataclass
+class SourceConfig:
+    """Where the unlabeled source images come from (labels are used only for reporting)."""
+
+    name: str = "fashion-mnist"  # a registered name, "imagefolder:PATH" or "npz:PATH"
+    root: str | None = None  # dataset root; None = the library's search path
+    download: bool = False  # let torchvision download when the data is missing
+    subset: int | None = None  # use a seeded random subset of this many training images
+
+
+@dataclass
+class ModelConfig:
+    """An architecture from the model registry (:func:`distilled_ssl.models.build_model`)."""
+
+    arch: str = "convnet"
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class TeacherConfig:
+    """Stage 1: train a Barlow Twins teacher or load one."""
+
+    mode: str = "train"  # "train" | "load"
+    model: ModelConfig = field(default_factory=lambda: ModelConfig("resnet18", {}))
+    weights: str | None = None  # mode=load: .safetensors (teacher file or state dict) or "builtin:NAME"
+    epochs: int = 100
+    batch_size: int = 256
+    lr: float = 1e-3
+    weight_decay: float = 1e-5
+    warmup_epochs: int = 2
+    projector: list[int] = field(default_factory=lambda: [2048, 2048, 2048])
+    lambda_offdiag: float = 5e-3
+    probe: bool = True  # report a linear-probe accuracy on the source test split
+
+
+@dataclass
+class TargetsConfig:
+    """Stage 2: teacher representations of every source image."""
+
+    batch_size: int = 512
+
+
+@dataclass
+class ExpertsConfig:
+    """Stage 3: knowledge-distillation expert trajectories."""
+
+    num_experts: int = 100
+    epochs: int = 20
+    batch_size: int = 256
+    lr: float = 0.1
+    momentum: float = 0.9
+    weight_decay: float = 1e-4
+    checkpoint_every_steps: int | None = None  # None = one checkpoint per epoch
+
+
+@dataclass
+class InitConfig:
+    """Stage 4: which real images start the synthetic set."""
+
+    method: str = "high_loss"  # "high_loss" | "random"
+    fraction: float = 0.02  # of the source set; ignored when num_images is set
+    num_images: int | None = None
+    class_balanced: bool = False  # needs labels
+    loss_epoch: float = 1.0  # expert checkpoint whose loss ranks the examples
+
+
+@dataclass
+class DistillConfig:
+    """Stage 5: trajectory matching."""
+
+    iterations: int = 5000
+    syn_steps: int = 40
+    expert_epochs: float = 2.0  # matched span, in epochs of expert training
+    max_start_epoch: float = 2.0  # start checkpoints are drawn from [0, max_start_epoch)
+    batch_syn: int = 256
+    lr_img: float = 1e3
+    lr_targets: float = 1.0
+    lr_lr: float = 1e-4
+    lr_init: float = 0.1
+    momentum: float = 0.5
+    clip_grad: float | None = None  # clip each meta-gradient tensor to this norm
+    mode: str = "adjoint"  # "adjoint" (exact, memory constant in syn_steps) | "unrolled"
+    checkpoint_every: int = 50
+    log_every: int = 10
+
+
+@dataclass
+class EvalConfig:
+    """The demo's quick check: pre-train a fresh student on the distilled set."""
+
+    enabled: bool = True
+    epochs: int = 20
+    batch_size: int = 256
+    label_fraction: float = 0.01
+    model: ModelConfig | None = None  # None = the distillation student
+
+
+@dataclass
+class RunConfig:
+    """A whole MKDT run."""
+
+    seed: int = 0
+    device: str = "cpu"
+    threads: int | None = None  # torch intra-op threads; None = torch's default
+    source: SourceConfig = field(default_factory=SourceConfig)
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    targets: TargetsConfig = field(default_factory=TargetsConfig)
+    student: ModelConfig = field(
+        default_factory=lambda: ModelConfig("convnet", {"depth": 3, "width": 128})
+    )
+    experts: ExpertsConfig = field(default_factory=ExpertsConfig)
+    init: InitConfig = field(default_factory=InitConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    # ------------------------------------------------------------------ serialisation
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> RunConfig:
+        return _build(cls, data, "")
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file {path} does not exist")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"{path} is not valid YAML: {exc}") from exc
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path} must hold a mapping at top level")
+        return cls.from_dict(data)
+
+    def override(self, assignments: list[str]) -> RunConfig:
+        """Return a copy with ``section.key=value`` assignments applied (values parsed as YAML)."""
+        data = self.to_dict()
+        for item in assignments:
+            if "=" not in item:
+                raise ConfigError(f"override {item!r} must look like section.key=value")
+            dotted, raw = item.split("=", 1)
+            keys = dotted.strip().split(".")
+            node = data
+            for i, key in enumerate(keys[:-1]):
+                if not isinstance(node, dict) or key not in node:
+                    raise ConfigError(f"override {item!r}: unknown key {'.'.join(keys[: i + 1])!r}")
+                if node[key] is None:
+                    node[key] = {}
+                node = node[key]
+            if not isinstance(node, dict) or (keys[-1] not in node and not _is_free_mapping(keys)):
+                raise ConfigError(f"override {item!r}: unknown key {dotted!r}")
+            try:
+                node[keys[-1]] = yaml.safe_load(raw)
+            except yaml.YAMLError as exc:
+                raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
+        return RunConfig.from_dict(data)
+
+    # ------------------------------------------------------------------ checks
+    def validate(self) -> RunConfig:
+        """Check ranges and cross-field constraints; return self for chaining."""
+        _positive(self, "experts.num_experts", "experts.epochs", "experts.batch_size",
+                  "targets.batch_size", "distill.syn_steps", "distill.batch_syn",
+                  "distill.log_every", "distill.checkpoint_every", "teacher.batch_size",
+                  "eval.epochs", "eval.batch_size")
+        _non_negative(self, "distill.iterations", "teacher.epochs", "experts.lr",
+                      "experts.momentum", "experts.weight_decay", "distill.lr_img",
+                      "distill.lr_targets", "distill.lr_lr", "distill.momentum")
+        _choice(self, "teacher.mode", {"train", "load"})
+        _choice(self, "init.method", {"high_loss", "random"})
+        _choice(self, "distill.mode", {"adjoint", "unrolled"})
+        if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
+            raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
+        if self.teacher.mode == "load" and not self.teacher.weights:
+            raise ConfigError("teacher.mode=load needs teacher.weights (a .safetensors file or "
+                              "'builtin:NAME'); or set teacher.mode=train")
+        if self.distill.lr_init <= 0:
+            raise ConfigError("distill.lr_init must be > 0")
+        if self.distill.expert_epochs <= 0:
+            raise ConfigError("distill.expert_epochs must be > 0")
+        if self.distill.max_start_epoch < 0:
+            raise ConfigError("distill.max_start_epoch must be >= 0")
+        if self.distill.clip_grad is not None and self.distill.clip_grad <= 0:
+            raise ConfigError("distill.clip_grad must be > 0 or null")
+        needed = self.distill.max_start_epoch + self.distill.expert_epochs
+        if self.experts.epochs < needed:
+            raise ConfigError(
+                f"experts.epochs={self.experts.epochs} is too short: distillation reads checkpoints "
+                f"up to max_start_epoch + expert_epochs = {needed:g}; raise experts.epochs or lower "
+                "distill.max_start_epoch / distill.expert_epochs")
+        if self.init.method == "high_loss" and not 0 < self.init.loss_epoch <= self.experts.epochs:
+            raise ConfigError("init.loss_epoch must be in (0, experts.epochs]")
+        if self.init.num_images is None and not 0 < self.init.fraction < 1:
+            raise ConfigError(f"init.fraction must be in (0, 1), got {self.init.fraction}")
+        if self.init.num_images is not None and self.init.num_images < 1:
+            raise ConfigError("init.num_images must be >= 1")
+        if self.experts.checkpoint_every_steps is not None and self.experts.checkpoint_every_steps < 1:
+            raise ConfigError("experts.checkpoint_every_steps must be >= 1 or null")
+        if self.source.subset is not None and self.source.subset < 2:
+            raise ConfigError("source.subset must be >= 2 or null")
+        if not 0 < self.eval.label_fraction <= 1:
+            raise ConfigError("eval.label_fraction must be in (0, 1]")
+        from .data import check_source_name  # local imports: both import torch
+        from .models import check_arch
+
+        try:
+            check_source_name(self.source.name)
+        except ValueError as exc:
+            raise ConfigError(f"source.name: {exc}") from exc
+
+        models = [("teacher.model", self.teacher.model), ("student", self.student)]
+        if self.eval.model is not None:
+            models.append(("eval.model", self.eval.model))
+        for where, model in models:
+            try:
+                check_arch(model.arch, where)
+            except ValueError as exc:
+                raise ConfigError(str(exc)) from exc
+        return self
+
+    def section_hash(self, *sections: str) -> str:
+        """A short fingerprint of some config sections (artifacts are reused only on a match)."""
+        data = self.to_dict()
+        blob = json.dumps({s: _lookup(data, s) for s in sections}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+# ---------------------------------------------------------------------- presets
+def list_presets() -> list[str]:
+    """Names of the presets shipped with the package."""
+    files = resources.files("distilled_ssl").joinpath("presets").iterdir()
+    return sorted(p.name[: -len(".yaml")] for p in files if p.name.endswith(".yaml"))
+
+
+def load_preset(name: str) -> RunConfig:
+    """Load a shipped preset by name (see :func:`list_presets`)."""
+    path = resources.files("distilled_ssl").joinpath("presets", f"{name}.yaml")
+    if not path.is_file():
+        raise ConfigError(f"unknown preset {name!r}; available: {', '.join(list_presets())}")
+    data = yaml.safe_load(path.read_text()) or {}
+    return RunConfig.from_dict(data)
+
+
+# ---------------------------------------------------------------------- helpers
+def _is_free_mapping(keys: list[str]) -> bool:
+    """``model.kwargs.x=...`` may add keys that the defaults do not list."""
+    return len(keys) >= 2 and keys[-2] == "kwargs"
+
+
+def _build(cls: type, data: Any, where: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where or 'config'} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in fields(cls)}
+    unknown = set(data) - set(known)
+    if unknown:
+        raise ConfigError(f"unknown key(s) {sorted(unknown)} in {where or 'config'}; "
+                          f"known: {sorted(known)}")
+    kwargs = {}
+    hints = _type_hints(cls)
+    for name, value in data.items():
+        path = f"{where}.{name}" if where else name
+        kwargs[name] = _coerce(hints[name], value, path)
+    return cls(**kwargs)
+
+
+def _type_hints(cls: type) -> dict[str, Any]:
+    import typing
+
+    return typing.get_type_hints(cls)
+
+
+def _coerce(hint: Any, value: Any, path: str) -> Any:
+    import types
+    import typing
+
+    origin = typing.get_origin(hint)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(args[0], value, path)
+    if dataclasses.is_dataclass(hint):
+        return _build(hint, value, path)
+    if origin is list:
+        if not isinstance(value, list):
+            raise ConfigError(f"{path} must be a list, got {value!r}")
+        (arg,) = typing.get_args(hint)
+        return [_coerce(arg, v, f"{path}[{i}]") for i, v in enumerate(value)]
+    if origin is dict:
+        if not isinstance(value, dict):
+            raise ConfigError(f"{path} must be a mapping, got {value!r}")
+        return dict(value)
+    if hint is Any:
+        return value
+    if hint is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(f"{path} must be true or false, got {value!r}")
+        return value
+    if hint is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(f"{path} must be an integer, got {value!r}")
+        return value
+    if hint is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{path} must be a number, got {value!r}")
+        return float(value)
+    if hint is str:
+        if not isinstance(value, str):
+            raise ConfigError(f"{path} must be a string, got {value!r}")
+        return value
+    return value
+
+
+def _lookup(data: dict[str, Any], dotted: str) -> Any:
+    node: Any = data
+    for key in dotted.split("."):
+        node = node[key]
+    return node
+
+
+def _get(cfg: RunConfig, dotted: str) -> Any:
+    return _lookup(cfg.to_dict(), dotted)
+
+
+def _positive(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = _get(cfg, name)
+        if value is None or value <= 0:
+            raise ConfigError(f"{name} must be > 0, got {value!r}")
+
+
+def _non_negative(cfg: RunConfig, *names: str) -> None:
+    for name in names:
+        value = _get(cfg, name)
+        if value is None or value < 0:
+            raise ConfigError(f"{name} must be >= 0, got {value!r}")
+
+
+def _choice(cfg: RunConfig, name: str, allowed: set[str]) -> None:
+    value = _get(cfg, name)
+    if value not in allowed:
+        raise ConfigError(f"{name} must be one of {sorted(allowed)}, got {value!r}")

@@ -1,0 +1,103 @@
+"""What every stage receives: the config, the run directory, the device, a logger, the source data."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import logging
+import zlib
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from functools import cached_property
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+from .config import RunConfig
+from .data import ImageSet, load_source, seeded_subset
+
+LOGGER_NAME = "distilled_ssl"
+
+
+@dataclass
+class RunContext:
+    """A run directory plus its resolved configuration.
+
+    Stages read their inputs from and write their artifact into ``run_dir``; the source set is
+    loaded once and shared by the stages that need it.
+    """
+
+    cfg: RunConfig
+    run_dir: Path
+    progress: bool = True
+    log: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
+
+    def __post_init__(self) -> None:
+        self.run_dir = Path(self.run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def device(self) -> torch.device:
+        dev = torch.device(self.cfg.device)
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise RuntimeError(f"device {self.cfg.device!r} asked for but CUDA is not available; "
+                               "use --device cpu")
+        return dev
+
+    @cached_property
+    def train_set(self) -> ImageSet:
+        """The source training split (a seeded subset when ``source.subset`` is set)."""
+        s = self.cfg.source
+        data = load_source(s.name, train=True, root=s.root, download=s.download)
+        if s.subset is not None and s.subset < len(data):
+            data = data.subset(seeded_subset(len(data), s.subset, self.seed_for("source")))
+        return data
+
+    @cached_property
+    def test_set(self) -> ImageSet | None:
+        """The source test split, or None when the source has none."""
+        s = self.cfg.source
+        try:
+            data = load_source(s.name, train=False, root=s.root, download=s.download)
+        except (FileNotFoundError, RuntimeError, ValueError) as exc:
+            self.log.info("no test split for %s (%s); skipping test-set figures", s.name, exc)
+            return None
+        return ImageSet(data.name, data.images, data.labels, self.train_set.mean,
+                        self.train_set.std, data.num_classes)
+
+    def seed_for(self, *tags: Any) -> int:
+        """A seed derived from the run seed and tags (e.g. ``("expert", 3)``), stable across runs."""
+        key = ":".join(str(t) for t in (self.cfg.seed, *tags))
+        return zlib.crc32(key.encode()) & 0x7FFFFFFF
+
+    def generator(self, *tags: Any) -> torch.Generator:
+        return torch.Generator().manual_seed(self.seed_for(*tags))
+
+    def bar(self, iterable: Any = None, **kwargs: Any) -> tqdm:
+        return tqdm(iterable, disable=not self.progress, dynamic_ncols=True, leave=False, **kwargs)
+
+    def path(self, name: str) -> Path:
+        return self.run_dir / name
+
+
+@contextlib.contextmanager
+def seeded(seed: int) -> Iterator[None]:
+    """Run a block with torch's global RNG seeded, restoring the previous state after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def combine(*parts: str) -> str:
+    """Chain fingerprints: a stage's fingerprint covers its config and its inputs' fingerprints."""
+    return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

@@ -1,0 +1,219 @@
+"""Stage 5 — distillation by matching knowledge-distillation trajectories (MKDT).
+
+Learnable: images X [k, C, H, W] (normalised pixel space), target reps Y [k, D] and a scalar lr.
+Each iteration takes the next expert (a fresh seeded order per cycle through all experts), a start
+checkpoint s uniform in [0, max_start_epoch), trains ``syn_steps`` SGD steps from theta_s on the
+synthetic set and matches theta_{s+expert_epochs} (see :mod:`distilled_ssl.matching`). X, Y and lr
+are updated with SGD (momentum 0.5). The state is checkpointed every ``checkpoint_every``
+iterations; a rerun continues where it stopped, and raising ``distill.iterations`` continues a
+finished run. Output: ``distilled.safetensors`` and ``distilled.png``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ._version import __version__
+from .context import RunContext, combine
+from .data import denormalize, normalize
+from .experts import ExpertFile, list_experts, student_for
+from .initial_set import INIT_FILE, init_fingerprint, load_init
+from .io import ArtifactError, load_tensors, read_metadata, save_tensors
+from .matching import MATCHERS, minibatches
+from .models import FlatParams
+from .targets import TARGETS_FILE, load_targets
+from .teacher import TEACHER_FILE
+from .viz import pick_for_grid, save_comparison
+
+DISTILLED_FILE = "distilled.safetensors"
+STATE_FILE = "distill_state.safetensors"
+GRID_FILE = "distilled.png"
+IMAGE_ENCODING = "float16 pixels in [0, 1] scale (un-normalised, not clamped)"
+
+
+def distill_fingerprint(ctx: RunContext) -> str:
+    """Everything that changes the result except the iteration count (so runs can be extended)."""
+    if not ctx.path(INIT_FILE).exists():
+        raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
+    d = ctx.cfg.distill
+    keys = {k: v for k, v in asdict(d).items() if k not in ("iterations", "log_every",
+                                                             "checkpoint_every")}
+    return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
+
+
+def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
+    """Stage 5: write ``distilled.safetensors`` and ``distilled.png`` (resumable)."""
+    out = ctx.path(DISTILLED_FILE)
+    fp = distill_fingerprint(ctx)
+    d = ctx.cfg.distill
+    if not force and out.exists():
+        meta = read_metadata(out)
+        if meta.get("fingerprint") == fp and meta.get("iterations", -1) >= d.iterations:
+            ctx.log.info("distill: %s exists (%d iterations), skipping", out, meta["iterations"])
+            return out
+    experts = list_experts(ctx)
+    dev = ctx.device
+    index = load_init(ctx)
+    reps = load_targets(ctx)
+    k = len(index)
+    model = student_for(ctx, reps.shape[1]).to(dev).train()
+    flat = FlatParams(model)
+    if experts[0].meta["output_dim"] != reps.shape[1] or experts[0].params(0).shape[1] != flat.size:
+        raise ArtifactError("the experts do not fit the student architecture; re-run the experts "
+                            "stage with --force")
+    state = _initial_state(ctx, index, reps, fp, dev, force)
+    images, targets, lr = state["images"], state["targets"], state["lr"]
+    moms = {n: state.get(f"momentum.{n}", torch.zeros_like(state[n])) for n in ("images", "targets", "lr")}
+    history: list[float] = state["meta"].get("history", [])
+    norms: dict[str, float] = state["meta"].get("norm_ema", {})
+    start = int(state["meta"].get("iteration", 0))
+    sched = experts[0].schedule
+    span = max(1, round(d.expert_epochs * sched.steps_per_epoch / sched.every))
+    max_start = max(1, round(d.max_start_epoch * sched.steps_per_epoch / sched.every))
+    if max_start - 1 + span >= sched.count:
+        raise ArtifactError(f"experts hold {sched.count} checkpoints; start < {max_start} plus span "
+                            f"{span} needs more; re-run experts with the current config (--force)")
+    if start == 0:
+        ctx.log.info("distill: %d images, %d experts, %s mode, span %d checkpoints (%d steps), "
+                     "start in [0, %d), syn_steps %d, batch %d", k, len(experts), d.mode, span,
+                     span * sched.every, max_start, d.syn_steps, min(d.batch_syn, k))
+    matcher = MATCHERS[d.mode]
+    lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
+    bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
+    t0, window = time.perf_counter(), []
+    for it in range(start, d.iterations):
+        ef = _expert_for(ctx, experts, it)
+        g = ctx.generator("distill", it)
+        s = int(torch.randint(max_start, (1,), generator=g))
+        theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
+        batches = [b.to(dev) for b in minibatches(k, d.batch_syn, d.syn_steps, g)]
+        res = matcher(flat, theta0, theta_target, images, targets, lr, batches)
+        grads = {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}
+        loss = float(res.loss)
+        if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
+            raise FloatingPointError(f"distill iteration {it}: non-finite matching loss or gradient; "
+                                     "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
+        with torch.no_grad():
+            params = {"images": images, "targets": targets, "lr": lr}
+            for name, grad in grads.items():
+                grad = _clip(grad, name, norms, d.clip_grad)
+                moms[name].mul_(d.momentum).add_(grad)
+                params[name].sub_(lrs[name] * moms[name])
+            lr.clamp_(min=1e-8)
+        history.append(loss)
+        window.append(loss)
+        bar.update(1)
+        done = it + 1
+        if done % d.log_every == 0 or done == d.iterations:
+            sec = (time.perf_counter() - t0) / len(window)
+            ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
+                         done, d.iterations, statistics.fmean(window), s, float(lr), sec,
+                         _eta(sec * (d.iterations - done)))
+            bar.set_postfix(loss=f"{statistics.fmean(window):.4f}", lr=f"{float(lr):.3g}")
+            t0, window = time.perf_counter(), []
+        if done % d.checkpoint_every == 0 or done == d.iterations:
+            _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
+                        {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp})
+    bar.close()
+    _write_distilled(ctx, out, fp, index, images, targets, lr, history, experts)
+    return out
+
+
+def _expert_for(ctx: RunContext, experts: list[ExpertFile], it: int) -> ExpertFile:
+    cycle, pos = divmod(it, len(experts))
+    order = torch.randperm(len(experts), generator=ctx.generator("distill", "cycle", cycle))
+    return experts[int(order[pos])]
+
+
+def _clip(grad: torch.Tensor, name: str, norms: dict[str, float], factor: float | None) -> torch.Tensor:
+    """Clip to ``factor`` x the running mean of this tensor's gradient norms (scale-free)."""
+    if factor is None:
+        return grad
+    norm = float(grad.norm())
+    ref = norms.get(name)
+    if ref is not None and norm > factor * ref:
+        grad = grad * (factor * ref / norm)
+        norm = factor * ref
+    norms[name] = norm if ref is None else 0.9 * ref + 0.1 * norm
+    return grad
+
+
+def _eta(seconds: float) -> str:
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+def _initial_state(ctx: RunContext, index: torch.Tensor, reps: torch.Tensor, fp: str,
+                   dev: torch.device, force: bool) -> dict[str, Any]:
+    path = ctx.path(STATE_FILE)
+    if path.exists() and not force:
+        try:
+            tensors, meta = load_tensors(path)
+        except ArtifactError as exc:
+            raise ArtifactError(f"{exc}. Delete {path} to restart distillation from scratch") from exc
+        if meta.get("fingerprint") == fp:
+            ctx.log.info("distill: resuming after iteration %d", meta["iteration"])
+            state: dict[str, Any] = {n: t.to(dev) for n, t in tensors.items()}
+            state["meta"] = meta
+            return state
+        raise ArtifactError(f"{path} belongs to a run with a different configuration; re-run with "
+                            "--force or use a new --out directory")
+    data = ctx.train_set
+    images = normalize(data.images[index].to(dev), data.mean, data.std)
+    return {"images": images, "targets": reps[index].clone().to(dev),
+            "lr": torch.tensor(ctx.cfg.distill.lr_init, device=dev), "meta": {}}
+
+
+def _save_state(path: Path, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                moms: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    tensors = {"images": images, "targets": targets, "lr": lr}
+    tensors.update({f"momentum.{n}": m for n, m in moms.items()})
+    save_tensors(path, tensors, meta)
+
+
+def _write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, images: torch.Tensor,
+                     targets: torch.Tensor, lr: torch.Tensor, history: list[float],
+                     experts: list[ExpertFile]) -> None:
+    data = ctx.train_set
+    pixels = denormalize(images.detach().cpu(), data.mean, data.std)
+    tensors = {"images": pixels.half(), "targets": targets.detach().cpu().float(),
+               "lr": lr.detach().cpu().float().reshape(()), "source_index": index.long()}
+    if data.labels is not None:
+        tensors["labels"] = data.labels[index]
+    teacher = read_metadata(ctx.path(TEACHER_FILE))
+    c, h, w = data.shape
+    cfg = ctx.cfg
+    meta = {
+        "kind": "distilled_set", "method": "mkdt", "fingerprint": fp,
+        "library_version": __version__, "iterations": len(history),
+        "num_images": len(index), "image_shape": [c, h, w], "target_dim": targets.shape[1],
+        "image_encoding": IMAGE_ENCODING,
+        "normalization": {"mean": list(data.mean), "std": list(data.std)},
+        "source": {"name": cfg.source.name, "num_images": len(data), "subset": cfg.source.subset},
+        "teacher": {k: teacher.get(k) for k in ("arch", "kwargs", "feature_dim", "mean", "std",
+                                                "loaded_from", "probe_accuracy")},
+        "student": {"arch": cfg.student.arch, "kwargs": cfg.student.kwargs},
+        "init": {"method": cfg.init.method, "class_balanced": cfg.init.class_balanced},
+        "num_experts": len(experts),
+        "matching_loss": {"first": _mean(history[:10]), "last": _mean(history[-10:])},
+        "config": cfg.to_dict(),
+        "targets_file": read_metadata(ctx.path(TARGETS_FILE)).get("fingerprint"),
+    }
+    save_tensors(out, tensors, meta)
+    shown = pick_for_grid(tensors.get("labels"), len(index))
+    initial = data.images[index][shown].float() / 255.0
+    save_comparison(ctx.path(GRID_FILE), initial, pixels[shown])
+    ctx.log.info("distill: wrote %s (%d images, lr %.4g) and %s", out, len(index), float(lr),
+                 ctx.path(GRID_FILE))
+
+
+def _mean(xs: list[float]) -> float | None:
+    return round(statistics.fmean(xs), 6) if xs else None

@@ -1,0 +1,108 @@
+"""Pre-train on a (distilled or real) set with the KD objective, then measure what was learned.
+
+``pretrain_kd`` is MKDT.md stage 6: a fresh encoder trained with MSE to the set's target reps
+(SGD momentum 0.9, weight decay 1e-4, lr = the set's learned lr, no augmentation); a linear
+adapter maps the encoder's features to the reps when their sizes differ. Two measures:
+``teacher_fidelity`` (R² and mean cosine of the encoder's output against the teacher's reps on
+unseen images) and ``probe_accuracy`` (linear probe on a stratified, seeded label fraction).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .context import seeded
+from .data import ImageSet, normalize
+from .losses import kd_loss
+from .models import Encoder, build_model
+from .probe import extract, linear_probe
+
+
+@dataclass
+class PretrainSet:
+    """Images (normalised float [k, C, H, W]), their target reps [k, D] and the lr to train with."""
+
+    name: str
+    images: torch.Tensor
+    targets: torch.Tensor
+    lr: float
+
+
+def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channels: int,
+                image_size: int, target_dim: int, epochs: int = 20, batch_size: int = 256,
+                seed: int = 0, device: str = "cpu") -> Encoder:
+    """A fresh encoder (seeded init) pre-trained with KD on ``pset`` (None: left at random init)."""
+    with seeded(seed):
+        model = build_model(arch, in_channels=in_channels, image_size=image_size,
+                            output_dim=target_dim, **kwargs).to(device)
+    if pset is None:
+        return model
+    opt = torch.optim.SGD(model.parameters(), lr=pset.lr, momentum=0.9, weight_decay=1e-4)
+    g = torch.Generator().manual_seed(seed)
+    x_all, y_all = pset.images.to(device), pset.targets.to(device)
+    model.train()
+    for _ in range(epochs):
+        order = torch.randperm(len(x_all), generator=g).to(device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            if len(idx) < 2 and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
+                continue
+            loss = kd_loss(model(x_all[idx]), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if not all(torch.isfinite(p).all() for p in model.parameters()):
+        raise FloatingPointError(f"pre-training on {pset.name} diverged (lr {pset.lr:.3g})")
+    return model.eval()
+
+
+@torch.no_grad()
+def recompute_bn_stats(model: Encoder, images: torch.Tensor, mean: tuple[float, ...],
+                       std: tuple[float, ...], batch_size: int = 512) -> None:
+    """Re-estimate batch-norm running statistics on real images (for a random-init encoder)."""
+    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not bns:
+        return
+    dev = next(model.parameters()).device
+    for m in bns:
+        m.reset_running_stats()
+        m.momentum = None  # cumulative average
+    model.train()
+    for i in range(0, len(images), batch_size):
+        model(normalize(images[i:i + batch_size].to(dev), mean, std))
+    model.eval()
+
+
+def teacher_fidelity(model: Encoder, images: torch.Tensor, teacher_reps: torch.Tensor,
+                     mean: tuple[float, ...], std: tuple[float, ...], *, device: str = "cpu"
+                     ) -> dict[str, float]:
+    """R² (1 - SSE/SST over all dims) and mean cosine of ``model(x)`` vs the teacher's reps."""
+    out = extract(model.eval(), images, mean, std, device=device)
+    sse = (out - teacher_reps).pow(2).sum()
+    sst = (teacher_reps - teacher_reps.mean(0)).pow(2).sum()
+    cos = F.cosine_similarity(out, teacher_reps, dim=1).mean()
+    return {"r2": float(1 - sse / sst), "cosine": float(cos)}
+
+
+def stratified_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded, class-stratified subset holding ``fraction`` of each class (at least one each)."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        k = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picked).sort().values
+
+
+def probe_accuracy(model: Encoder, train: ImageSet, test: ImageSet, fraction: float, seed: int, *,
+                   device: str = "cpu") -> float:
+    """Linear-probe test accuracy of the encoder's features with ``fraction`` of train labels."""
+    assert train.labels is not None and test.labels is not None
+    idx = stratified_fraction(train.labels, fraction, seed)
+    ftr = extract(model.eval().features, train.images[idx], train.mean, train.std, device=device)
+    fte = extract(model.features, test.images, train.mean, train.std, device=device)
+    return linear_probe(ftr, train.labels[idx], fte, test.labels)

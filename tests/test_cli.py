@@ -1,0 +1,63 @@
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from distilled_ssl.cli import main
+from distilled_ssl.config import RunConfig
+
+
+def _config_file(cfg: RunConfig, tmp_path: Path) -> Path:
+    path = tmp_path / "tiny.yaml"
+    path.write_text(cfg.to_yaml())
+    return path
+
+
+def test_run_writes_a_distilled_set_and_prints_the_table(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    result = CliRunner().invoke(main, ["run", "--config", str(_config_file(tiny_cfg, tmp_path)),
+                                       "--out", str(out), "--set", "distill.iterations=2",
+                                       "--seed", "3", "--device", "cpu"])
+    assert result.exit_code == 0, result.output
+    assert (out / "distilled.safetensors").is_file() and (out / "distilled.png").is_file()
+    saved = yaml.safe_load((out / "config.yaml").read_text())
+    assert saved["seed"] == 3 and saved["distill"]["iterations"] == 2
+    assert "| MKDT 12 |" in result.output and "fidelity_r2" in result.output
+    assert "stage wall times: teacher" in result.output
+    assert (out / "results.json").is_file()
+
+
+def test_stage_commands_run_one_stage_each(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    runner = CliRunner()
+    cfg_file = _config_file(tiny_cfg, tmp_path)
+    res = runner.invoke(main, ["targets", "--config", str(cfg_file), "--out", str(out)])
+    assert res.exit_code == 1 and "run the teacher stage first" in res.output
+    for stage in ("teacher", "targets", "experts", "init", "distill"):
+        res = runner.invoke(main, [stage, "--out", str(out)])  # reuses out/config.yaml
+        assert res.exit_code == 0, res.output
+        assert f"{stage}: done" in res.output
+    assert (out / "distilled.safetensors").is_file()
+    res = runner.invoke(main, ["teacher", "--out", str(out), "--set", "teacher.epochs=5"])
+    assert res.exit_code == 1 and "different configuration" in res.output
+    res = runner.invoke(main, ["teacher", "--out", str(out), "--set", "teacher.epochs=5", "--force"])
+    assert res.exit_code == 0, res.output
+
+
+def test_bad_input_is_a_one_line_error(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["run", "--preset", "nope", "--out", str(tmp_path)])
+    assert res.exit_code == 1 and "unknown preset 'nope'" in res.output and "Traceback" not in res.output
+    res = runner.invoke(main, ["run", "--preset", "smoke", "--out", str(tmp_path),
+                               "--set", "distill.syn_steps=-1"])
+    assert res.exit_code == 1 and "distill.syn_steps must be > 0" in res.output
+    res = runner.invoke(main, ["distill", "--out", str(tmp_path / "empty")])
+    assert res.exit_code == 1 and "--preset NAME or --config FILE" in res.output
+
+
+def test_presets_list_and_show() -> None:
+    runner = CliRunner()
+    res = runner.invoke(main, ["presets", "list"])
+    assert res.exit_code == 0 and "cpu-fmnist-2pct" in res.output.split()
+    res = runner.invoke(main, ["presets", "show", "cifar10-2pct"])
+    assert yaml.safe_load(res.output)["distill"]["syn_steps"] == 40

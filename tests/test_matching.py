@@ -1,0 +1,67 @@
+import pytest
+import torch
+
+from distilled_ssl.matching import match_adjoint, match_unrolled, minibatches
+from distilled_ssl.models import FlatParams, build_model
+
+
+@pytest.mark.parametrize("arch, kwargs", [
+    ("convnet", {"depth": 2, "width": 6, "norm": "instance"}),
+    ("convnet", {"depth": 2, "width": 6, "norm": "batch", "pooling": "gap"}),
+    ("resnet10", {"width": 0.0625}),
+])
+def test_adjoint_gradients_equal_unrolled(arch: str, kwargs: dict) -> None:
+    torch.manual_seed(0)
+    model = build_model(arch, in_channels=1, image_size=12, output_dim=5, **kwargs).double().train()
+    flat = FlatParams(model)
+    theta0 = flat.flatten()
+    target = theta0 + 0.05 * torch.randn_like(theta0)
+    images = torch.randn(10, 1, 12, 12, dtype=torch.float64)
+    reps = torch.randn(10, 5, dtype=torch.float64)
+    lr = torch.tensor(0.05, dtype=torch.float64)
+    batches = minibatches(10, 4, 6, torch.Generator().manual_seed(1))
+    a = match_adjoint(flat, theta0, target, images, reps, lr, batches)
+    u = match_unrolled(flat, theta0, target, images, reps, lr, batches)
+    torch.testing.assert_close(a.loss, u.loss, rtol=1e-12, atol=0)
+    for name in ("grad_images", "grad_targets", "grad_lr"):
+        ga, gu = getattr(a, name), getattr(u, name)
+        assert gu.abs().sum() > 0
+        torch.testing.assert_close(ga, gu, rtol=1e-9, atol=1e-12)
+
+
+def test_adjoint_matches_unrolled_in_float32() -> None:
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, image_size=16, output_dim=8, depth=2, width=8)
+    flat = FlatParams(model)
+    theta0 = flat.flatten()
+    target = theta0 + 0.01 * torch.randn_like(theta0)
+    images, reps = torch.randn(16, 1, 16, 16), torch.randn(16, 8)
+    batches = minibatches(16, 8, 10, torch.Generator().manual_seed(0))
+    a = match_adjoint(flat, theta0, target, images, reps, torch.tensor(0.1), batches)
+    u = match_unrolled(flat, theta0, target, images, reps, torch.tensor(0.1), batches)
+    for name in ("grad_images", "grad_targets", "grad_lr"):
+        ga, gu = getattr(a, name), getattr(u, name)
+        assert float((ga - gu).norm() / gu.norm()) < 1e-4
+
+
+def test_matching_gradient_is_a_descent_direction() -> None:
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=1, image_size=8, output_dim=3, depth=1, width=4).double()
+    flat = FlatParams(model)
+    theta0 = flat.flatten()
+    target = theta0 + 0.05 * torch.randn_like(theta0)
+    images, reps = torch.randn(6, 1, 8, 8, dtype=torch.float64), torch.randn(6, 3, dtype=torch.float64)
+    lr = torch.tensor(0.1, dtype=torch.float64)
+    batches = minibatches(6, 3, 4, torch.Generator().manual_seed(0))
+    res = match_adjoint(flat, theta0, target, images, reps, lr, batches)
+    step = 1e-3 / float(res.grad_targets.norm())
+    moved = match_adjoint(flat, theta0, target, images, reps - step * res.grad_targets, lr, batches)
+    assert moved.loss < res.loss
+
+
+def test_minibatches_cycle_through_every_image() -> None:
+    batches = minibatches(10, 4, 5, torch.Generator().manual_seed(0))
+    assert [len(b) for b in batches] == [4] * 5
+    assert set(torch.cat(batches[:2]).tolist()) | set() <= set(range(10))
+    assert len(set(torch.cat(batches[:2]).tolist())) == 8  # no repeats within a permutation
+    assert len(minibatches(3, 8, 2, torch.Generator())[0]) == 3  # batch capped at the set size
