@@ -8,9 +8,11 @@ from ._version import __version__
 from .config import ConfigError, RunConfig, list_presets, load_preset
 from .context import RunContext
 from .data import DataNotFoundError, ImageSet, load_source
+from .dataset import DistilledDataset
 from .distill import run_distill
 from .evaluate import PretrainSet, pretrain_kd, probe_accuracy, teacher_fidelity
 from .experts import run_experts
+from .hub import push_to_hub
 from .initial_set import run_init
 from .io import ArtifactError
 from .losses import barlow_twins_loss, kd_loss
@@ -22,10 +24,37 @@ from .targets import run_targets
 from .teacher import load_teacher, run_teacher
 
 __all__ = [
-    "STAGES", "ArtifactError", "ConfigError", "DataNotFoundError", "FlatParams", "ImageSet",
-    "PretrainSet", "RunConfig", "RunContext", "__version__", "barlow_twins_loss", "build_model",
-    "kd_loss", "linear_probe", "list_models", "list_presets", "load_preset", "load_source",
-    "load_teacher", "match_adjoint", "match_unrolled", "prepare_run", "pretrain_kd",
-    "probe_accuracy", "run_distill", "run_experts", "run_init", "run_pipeline", "run_targets",
-    "run_teacher", "teacher_fidelity",
+    "STAGES",
+    "ArtifactError",
+    "ConfigError",
+    "DataNotFoundError",
+    "DistilledDataset",
+    "FlatParams",
+    "ImageSet",
+    "PretrainSet",
+    "RunConfig",
+    "RunContext",
+    "__version__",
+    "barlow_twins_loss",
+    "build_model",
+    "kd_loss",
+    "linear_probe",
+    "list_models",
+    "list_presets",
+    "load_preset",
+    "load_source",
+    "load_teacher",
+    "match_adjoint",
+    "match_unrolled",
+    "prepare_run",
+    "pretrain_kd",
+    "probe_accuracy",
+    "push_to_hub",
+    "run_distill",
+    "run_experts",
+    "run_init",
+    "run_pipeline",
+    "run_targets",
+    "run_teacher",
+    "teacher_fidelity",
 ]

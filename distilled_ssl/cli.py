@@ -17,6 +17,7 @@ from ._version import __version__
 from .config import ConfigError, RunConfig, list_presets, load_preset
 from .context import LOGGER_NAME, RunContext
 from .data import DataNotFoundError
+from .hub_cli import register as register_hub_commands
 from .io import ArtifactError
 from .models import UnknownArchError
 
@@ -203,6 +204,8 @@ def presets_show(name: str) -> None:
     """Print a preset as YAML (a starting point for --config)."""
     click.echo(load_preset(name).to_yaml(), nl=False)
 
+
+register_hub_commands(main)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -32,6 +32,7 @@ class ImageSet:
     mean: tuple[float, ...]
     std: tuple[float, ...]
     num_classes: int | None = None
+    source_index: torch.Tensor | None = None  # rows of the full split these images are (None: all)
 
     def __post_init__(self) -> None:
         if self.images.dtype != torch.uint8 or self.images.ndim != 4:
@@ -50,8 +51,14 @@ class ImageSet:
         return int(c), int(h), int(w)
 
     def subset(self, index: torch.Tensor) -> ImageSet:
+        """The images at ``index``; ``source_index`` keeps pointing into the full split."""
         labels = None if self.labels is None else self.labels[index]
-        return ImageSet(self.name, self.images[index], labels, self.mean, self.std, self.num_classes)
+        return ImageSet(self.name, self.images[index], labels, self.mean, self.std, self.num_classes,
+                        self.original_index(index))
+
+    def original_index(self, index: torch.Tensor) -> torch.Tensor:
+        """Map indices into this set to indices into the full source split."""
+        return index.clone() if self.source_index is None else self.source_index[index]
 
 
 DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -185,7 +185,8 @@ def _write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, i
     data = ctx.train_set
     pixels = denormalize(images.detach().cpu(), data.mean, data.std)
     tensors = {"images": pixels.half(), "targets": targets.detach().cpu().float(),
-               "lr": lr.detach().cpu().float().reshape(()), "source_index": index.long()}
+               "lr": lr.detach().cpu().float().reshape(()),
+               "source_index": data.original_index(index).long()}
     if data.labels is not None:
         tensors["labels"] = data.labels[index]
     teacher = read_metadata(ctx.path(TEACHER_FILE))

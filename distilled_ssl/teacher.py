@@ -137,7 +137,10 @@ def _load_state_dict(encoder: Encoder, path: Path) -> None:
     """Load a plain safetensors state dict; a torchvision model's removed classifier is ignored."""
     state, _ = load_tensors(path)
     target = encoder.net if hasattr(encoder, "net") else encoder
-    missing, unexpected = target.load_state_dict(state, strict=False)
+    try:
+        missing, unexpected = target.load_state_dict(state, strict=False)
+    except RuntimeError as exc:
+        raise ArtifactError(f"{path} does not fit the teacher architecture: {exc}") from exc
     unexpected = [k for k in unexpected if not k.startswith(("fc.", "classifier.", "head.", "heads."))]
     if missing or unexpected:
         raise ArtifactError(f"{path} does not fit the teacher architecture: missing {missing[:5]}, "

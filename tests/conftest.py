@@ -9,7 +9,7 @@ import pytest
 
 from distilled_ssl.config import ModelConfig, RunConfig
 
-REAL_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+pytest_plugins = ["hub_fixtures"]  # loopback Hub server, socket guard, isolated HF_HOME
 
 
 def make_images(n: int, size: int = 16, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -1,0 +1,189 @@
+"""The set folder: writer output, card, WebDataset shards, and the validating reader."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import webdataset as wds
+from hub_fixtures import make_distilled_file
+
+from distilled_ssl.artifact import (
+    ChecksumError,
+    NotASetError,
+    SetFormatError,
+    load_distilled_file,
+    read_set,
+    split_front_matter,
+    write_set,
+)
+from distilled_ssl.io import load_tensors, save_tensors
+
+
+def test_set_folder_holds_every_file_and_a_correct_manifest(tiny_set: Path) -> None:
+    names = sorted(p.relative_to(tiny_set).as_posix() for p in tiny_set.rglob("*") if p.is_file())
+    assert names == ["README.md", "_info.json", "checksums.sha256", "data/train-00000.tar",
+                     "data/train-00001.tar", "data/train-00002.tar", "distilled.safetensors"]
+    listed = {}
+    for line in (tiny_set / "checksums.sha256").read_text().splitlines():
+        digest, name = line.split("  ")
+        listed[name] = digest
+    assert set(listed) == set(names) - {"checksums.sha256"}
+    for name, digest in listed.items():
+        assert hashlib.sha256((tiny_set / name).read_bytes()).hexdigest() == digest
+    info = json.loads((tiny_set / "_info.json").read_text())
+    assert info["num_samples"] == 12
+    assert info["splits"]["train"]["shard_lengths"] == [5, 5, 2]
+
+
+def test_safetensors_is_copied_byte_for_byte(tiny_run: Path, tiny_set: Path) -> None:
+    copied = (tiny_set / "distilled.safetensors").read_bytes()
+    assert copied == (tiny_run / "distilled.safetensors").read_bytes()
+
+
+def test_writer_is_deterministic(tiny_run: Path, tmp_path: Path) -> None:
+    a = write_set(tiny_run, tmp_path / "a", shard_size=5)
+    b = write_set(tiny_run, tmp_path / "b", shard_size=5)
+    assert (a / "checksums.sha256").read_text() == (b / "checksums.sha256").read_text()
+
+
+def test_webdataset_reads_the_shards(tiny_run: Path, tiny_set: Path) -> None:
+    ref, _ = load_tensors(tiny_run / "distilled.safetensors")
+    shards = sorted(str(p) for p in (tiny_set / "data").glob("train-*.tar"))
+    samples = list(wds.WebDataset(shards, shardshuffle=False).decode("l8"))
+    assert [s["__key__"] for s in samples] == [f"{i:06d}" for i in range(12)]
+    for i, s in enumerate(samples):
+        assert "." not in s["__key__"]
+        np.testing.assert_array_equal(s["npy"], ref["targets"][i].numpy())
+        assert torch.equal(torch.from_numpy(s["pixels.npy"]), ref["images"][i])  # exact float16
+        expected = ref["images"][i, 0].float().clamp(0, 1).mul(255).round().byte().numpy()
+        np.testing.assert_array_equal(np.asarray(s["png"]), expected)
+        assert s["json"] == {"index": i, "source_index": 3 * i, "label": i % 3}
+
+
+def test_card_front_matter_and_body(tiny_run: Path, tmp_path: Path) -> None:
+    (tiny_run / "results.json").write_text(json.dumps(
+        {"eval_model": {"arch": "convnet"}, "epochs": 2,
+         "rows": [{"set": "MKDT 12", "probe@0.1": 0.7123, "fidelity_r2": 0.5}]}))
+    out = write_set(tiny_run, tmp_path / "s", repo_id="someone/my-set")
+    front, body = split_front_matter((out / "README.md").read_text())
+    assert front["license"] == "mit"
+    assert {"dataset-distillation", "self-supervised", "mkdt"} <= set(front["tags"])
+    assert front["size_categories"] == ["n<1K"]
+    assert front["source_datasets"] == ["extended|fashion-mnist"]
+    prov = front["distilled_ssl"]
+    assert prov["normalization"] == {"mean": [0.5], "std": [0.25]}
+    assert prov["config"]["distill"]["lr_img"] == 100.0
+    assert prov["teacher"]["arch"] == "convnet"
+    assert prov["library_version"] == "0.1.0"
+    assert prov["learned_lr"] == pytest.approx(0.05)
+    assert prov["evaluation"]["rows"][0]["probe@0.1"] == 0.7123
+    assert 'DistilledDataset.from_hub("someone/my-set")' in body
+    assert "| MKDT 12 | 0.7123 | 0.5 |" in body
+    assert "@inproceedings{joshi2025mkdt" in body
+
+
+def test_restaging_a_set_keeps_data_and_evaluation(tiny_run: Path, tmp_path: Path) -> None:
+    (tiny_run / "results.json").write_text(json.dumps({"rows": [{"set": "x", "acc": 1.0}]}))
+    first = write_set(tiny_run, tmp_path / "first")
+    second = write_set(first, tmp_path / "second", repo_id="org/name")
+    assert (first / "distilled.safetensors").read_bytes() == (second / "distilled.safetensors").read_bytes()
+    front, _ = split_front_matter((second / "README.md").read_text())
+    assert front["distilled_ssl"]["evaluation"] == {"rows": [{"set": "x", "acc": 1.0}]}
+
+
+def test_reader_returns_the_exact_tensors(tiny_run: Path, tiny_set: Path) -> None:
+    ref, _ = load_tensors(tiny_run / "distilled.safetensors")
+    dset = read_set(tiny_set)
+    assert torch.equal(dset.images, ref["images"]) and torch.equal(dset.targets, ref["targets"])
+    assert dset.lr == pytest.approx(0.05) and dset.mean == (0.5,) and dset.std == (0.25,)
+    assert torch.equal(dset.labels, ref["labels"])
+    assert dset.card is not None and dset.card.startswith("---\n")
+
+
+def test_tampered_shard_fails_checksum(tiny_set: Path) -> None:
+    shard = tiny_set / "data" / "train-00001.tar"
+    data = bytearray(shard.read_bytes())
+    data[700] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    with pytest.raises(ChecksumError, match="train-00001.tar"):
+        read_set(tiny_set)
+
+
+def test_truncated_safetensors_fails(tiny_set: Path) -> None:
+    p = tiny_set / "distilled.safetensors"
+    p.write_bytes(p.read_bytes()[:-100])
+    with pytest.raises(ChecksumError, match="truncated"):
+        read_set(tiny_set)
+    with pytest.raises(SetFormatError):
+        read_set(tiny_set, verify=False)
+
+
+def test_missing_file_and_missing_manifest(tiny_set: Path) -> None:
+    (tiny_set / "data" / "train-00002.tar").unlink()
+    with pytest.raises(ChecksumError, match="missing"):
+        read_set(tiny_set)
+    (tiny_set / "checksums.sha256").unlink()
+    with pytest.raises(SetFormatError, match="checksums.sha256"):
+        read_set(tiny_set)
+
+
+def test_foreign_folders_are_refused(tmp_path: Path) -> None:
+    (tmp_path / "other").mkdir()
+    (tmp_path / "other" / "_info.json").write_text(json.dumps({"name": "imagenet", "splits": {}}))
+    with pytest.raises(NotASetError):
+        read_set(tmp_path / "other")
+    with pytest.raises(NotASetError):
+        read_set(tmp_path)
+    with pytest.raises(NotASetError):
+        read_set(tmp_path / "does-not-exist")
+
+
+def test_newer_format_version_is_refused(tiny_set: Path) -> None:
+    info = json.loads((tiny_set / "_info.json").read_text())
+    info["format_version"] = 99
+    (tiny_set / "_info.json").write_text(json.dumps(info))
+    with pytest.raises(SetFormatError, match="version 99"):
+        read_set(tiny_set, verify=False)
+
+
+def test_distilled_file_validation(tmp_path: Path) -> None:
+    good = make_distilled_file(tmp_path / "good") / "distilled.safetensors"
+    tensors, meta = load_tensors(good)
+    meta.pop("format_version")
+
+    def variant(name: str, **changes: torch.Tensor) -> Path:
+        p = tmp_path / name / "distilled.safetensors"
+        save_tensors(p, {**tensors, **changes}, meta)
+        return p
+
+    with pytest.raises(SetFormatError, match="'images' is torch.float32"):
+        load_distilled_file(variant("f32", images=tensors["images"].float()))
+    with pytest.raises(SetFormatError, match="rows"):
+        load_distilled_file(variant("rows", targets=tensors["targets"][:5]))
+    nan = tensors["targets"].clone()
+    nan[0, 0] = float("nan")
+    with pytest.raises(SetFormatError, match="NaN"):
+        load_distilled_file(variant("nan", targets=nan))
+    with pytest.raises(SetFormatError, match="lr"):
+        load_distilled_file(variant("lr", lr=torch.tensor(-1.0)))
+    save_tensors(tmp_path / "teacher.safetensors", {"w": torch.zeros(2)}, {"kind": "teacher"})
+    with pytest.raises(NotASetError):
+        load_distilled_file(tmp_path / "teacher.safetensors")
+
+
+def test_writer_refuses_to_clobber_and_bad_sources(tiny_run: Path, tiny_set: Path, tmp_path: Path) -> None:
+    with pytest.raises(FileExistsError):
+        write_set(tiny_run, tiny_set)
+    (tiny_set / "stale.txt").write_text("x")
+    write_set(tiny_run, tiny_set, overwrite=True, shard_size=100)
+    assert not (tiny_set / "stale.txt").exists()
+    assert read_set(tiny_set).info["splits"]["train"]["shard_lengths"] == [12]
+    with pytest.raises(NotASetError, match="run directory"):
+        write_set(tmp_path / "empty-run", tmp_path / "out")
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
