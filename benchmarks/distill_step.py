@@ -110,7 +110,9 @@ def main() -> None:
         args.mode, args.syn_steps = args.cell[0], int(args.cell[1])
         print(json.dumps(cell(args)))
         return
-    base = [a for a in sys.argv[1:] if not a.startswith("--out")]
+    base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
+            if k in ("images", "batch", "size", "channels", "depth", "width", "norm", "target_dim",
+                     "repeats", "threads", "device")]
     plain = plain_sgd_step_seconds(args)
     rows = []
     for steps in args.steps:

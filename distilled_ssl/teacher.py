@@ -85,11 +85,20 @@ def run_teacher(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("teacher: loaded %s (%s, %d-d features)", tc.weights, arch, encoder.feature_dim)
     else:
         encoder, losses = train_teacher(ctx)
+        meta = {}
         arch, kwargs = tc.model.arch, tc.model.kwargs
         mean, std = data.mean, data.std
         info = {"trained": {"source": ctx.cfg.source.name, "num_images": len(data),
                             **asdict(tc), "seed": ctx.cfg.seed, "epoch_losses": losses}}
-    if tc.probe and data.labels is not None and ctx.test_set is not None and ctx.test_set.labels is not None:
+    trained_on = (info.get("trained") or {})
+    same_data = (trained_on.get("source") == ctx.cfg.source.name and ctx.cfg.source.subset is None
+                 and trained_on.get("num_images") == len(data))
+    if tc.mode == "load" and same_data and "probe_accuracy" in meta:
+        info["probe_accuracy"] = meta["probe_accuracy"]  # measured on this very source when trained
+        ctx.log.info("teacher: linear-probe accuracy on the %s test split: %.2f%% (recorded in %s)",
+                     ctx.cfg.source.name, 100 * meta["probe_accuracy"], tc.weights)
+    elif tc.probe and data.labels is not None and ctx.test_set is not None and \
+            ctx.test_set.labels is not None:
         acc = probe_teacher(ctx, encoder, mean, std)
         info["probe_accuracy"] = acc
         ctx.log.info("teacher: linear-probe accuracy on the %s test split: %.2f%%",
