@@ -19,7 +19,6 @@ Nothing here reads or writes a pickle.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import math
@@ -40,7 +39,7 @@ from PIL import Image
 
 from ._version import __version__
 from .distill import DISTILLED_FILE, GRID_FILE
-from .io import FORMAT_VERSION, ArtifactError, load_tensors
+from .io import FORMAT_VERSION, ArtifactError, file_sha256, load_tensors
 from .report import RESULTS_FILE
 
 SET_FORMAT = "distilled_ssl.set"
@@ -221,18 +220,9 @@ def verify_checksums(root: Path, manifest: dict[str, tuple[str, int | None]] | N
         if size is not None and p.stat().st_size != size:
             raise ChecksumError(f"{root}: {name} is {p.stat().st_size} bytes, expected {size} "
                                 "(truncated or replaced)")
-        if sha256_file(p) != digest:
+        if file_sha256(p) != digest:
             raise ChecksumError(f"{root}: {name} does not match its sha256 in {MANIFEST_FILE} "
                                 "(corrupt or tampered with); download or write the set again")
-
-
-def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file, read in 1 MiB blocks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _manifest_sizes(root: Path) -> dict[str, int]:
@@ -302,7 +292,7 @@ def write_set(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id:
         info["sizes"] = {f: (tmp / f).stat().st_size for f in files}
         (tmp / INFO_FILE).write_text(json.dumps(info, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         files.append(INFO_FILE)
-        lines = [f"{sha256_file(tmp / f)}  {f}" for f in sorted(files)]
+        lines = [f"{file_sha256(tmp / f)}  {f}" for f in sorted(files)]
         (tmp / MANIFEST_FILE).write_text("\n".join(lines) + "\n", encoding="utf-8")
         for p in tmp.rglob("*"):
             os.chmod(p, 0o755 if p.is_dir() else 0o644)

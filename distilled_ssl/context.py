@@ -90,14 +90,6 @@ def seeded(seed: int) -> Iterator[None]:
         yield
 
 
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for chunk in iter(lambda: fh.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def combine(*parts: str) -> str:
     """Chain fingerprints: a stage's fingerprint covers its config and its inputs' fingerprints."""
     return hashlib.sha256("|".join(parts).encode()).hexdigest()[:16]

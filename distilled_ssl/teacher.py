@@ -19,9 +19,9 @@ import torch
 from torch import nn
 
 from .augment import SSLAugment
-from .context import RunContext, combine, file_sha256, seeded
+from .context import RunContext, combine, seeded
 from .data import normalize
-from .io import ArtifactError, check_fingerprint, load_tensors, read_metadata, save_tensors
+from .io import ArtifactError, check_fingerprint, file_sha256, load_tensors, read_metadata, save_tensors
 from .losses import barlow_twins_loss
 from .models import Encoder, build_model
 from .probe import extract, linear_probe
