@@ -75,7 +75,11 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
     norms: dict[str, float] = state["meta"].get("norm_ema", {})
     start = int(state["meta"].get("iteration", 0))
     sched = experts[0].schedule
-    span = max(1, round(d.expert_epochs * sched.steps_per_epoch / sched.every))
+    span = round(d.expert_epochs * sched.steps_per_epoch / sched.every)
+    if span < 1:
+        raise ValueError(f"distill.expert_epochs={d.expert_epochs:g} is shorter than one expert checkpoint "
+                         f"interval ({sched.every / sched.steps_per_epoch:.3g} epochs); raise it or lower "
+                         "experts.checkpoint_every_steps")
     max_start = max(1, round(d.max_start_epoch * sched.steps_per_epoch / sched.every))
     if max_start - 1 + span >= sched.count:
         raise ArtifactError(f"experts hold {sched.count} checkpoints; start < {max_start} plus span "

@@ -53,6 +53,9 @@ def schedule_for(ctx: RunContext, n: int | None = None) -> ExpertSchedule:
     every = cfg.experts.checkpoint_every_steps or spe
     needed = max(cfg.distill.max_start_epoch + cfg.distill.expert_epochs, cfg.init.loss_epoch)
     last = min(round(needed * spe), cfg.experts.epochs * spe)
+    if every > last:
+        raise ValueError(f"experts.checkpoint_every_steps={every} is more than the {last} steps the experts "
+                         f"train ({n} images, batch {cfg.experts.batch_size}); lower it")
     return ExpertSchedule(spe, every, math.ceil(last / every) + 1)
 
 

@@ -61,3 +61,16 @@ def test_presets_list_and_show() -> None:
     assert res.exit_code == 0 and "cpu-fmnist-2pct" in res.output.split()
     res = runner.invoke(main, ["presets", "show", "cifar10-2pct"])
     assert yaml.safe_load(res.output)["distill"]["syn_steps"] == 40
+
+
+def test_ctrl_c_says_how_to_resume(tiny_cfg: RunConfig, tmp_path: Path, monkeypatch) -> None:
+    import distilled_ssl.pipeline as pipeline
+
+    def interrupted(*args: object, **kwargs: object) -> None:
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pipeline, "run_pipeline", interrupted)
+    res = CliRunner().invoke(main, ["run", "--config", str(_config_file(tiny_cfg, tmp_path)),
+                                    "--out", str(tmp_path / "run")])
+    assert res.exit_code == 130
+    assert "run the same command again to resume" in res.output

@@ -261,3 +261,13 @@ def test_truncated_artifact_gets_a_clear_error(finished_run: RunContext, tmp_pat
     bad.write_bytes(data[: len(data) // 2])
     with pytest.raises(ArtifactError, match="truncated|corrupt"):
         load_tensors(bad)
+
+
+def test_checkpoint_spacing_that_cannot_work_is_refused(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    ctx = prepare_run(tiny_cfg.override(["experts.checkpoint_every_steps=50"]), tmp_path / "a",
+                      progress=False)
+    with pytest.raises(ValueError, match="checkpoint_every_steps=50 is more than"):
+        run_pipeline(ctx)
+    ctx = prepare_run(tiny_cfg.override(["distill.expert_epochs=0.1"]), tmp_path / "b", progress=False)
+    with pytest.raises(ValueError, match="shorter than one expert checkpoint interval"):
+        run_pipeline(ctx)
