@@ -271,3 +271,25 @@ def test_checkpoint_spacing_that_cannot_work_is_refused(tiny_cfg: RunConfig, tmp
     ctx = prepare_run(tiny_cfg.override(["distill.expert_epochs=0.1"]), tmp_path / "b", progress=False)
     with pytest.raises(ValueError, match="shorter than one expert checkpoint interval"):
         run_pipeline(ctx)
+
+
+def test_unlabeled_source_runs_end_to_end(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    import numpy as np
+
+    from conftest import make_images
+    from distilled_ssl.report import evaluate_run, format_table
+
+    x, _ = make_images(200, seed=3)
+    npz = tmp_path / "unlabeled.npz"
+    np.savez(npz, x_train=x)  # no labels, no test split
+    cfg = tiny_cfg.override([f"source.name=npz:{npz}", "init.class_balanced=false"])
+    ctx = prepare_run(cfg, tmp_path / "run", progress=False)
+    run_pipeline(ctx)
+    tensors, meta = load_tensors(ctx.path("distilled.safetensors"))
+    assert "labels" not in tensors and meta["teacher"]["probe_accuracy"] is None
+    result = evaluate_run(ctx)
+    assert [r["set"] for r in result["rows"]][0] == "none (random init)"
+    assert "MKDT 12" in format_table(result)
+    bad = prepare_run(cfg.override(["init.class_balanced=true"]), tmp_path / "bad", progress=False)
+    with pytest.raises(ValueError, match="needs a labelled source"):
+        run_pipeline(bad)
