@@ -275,8 +275,8 @@ def test_checkpoint_spacing_that_cannot_work_is_refused(tiny_cfg: RunConfig, tmp
 
 def test_unlabeled_source_runs_end_to_end(tiny_cfg: RunConfig, tmp_path: Path) -> None:
     import numpy as np
-
     from conftest import make_images
+
     from distilled_ssl.report import evaluate_run, format_table
 
     x, _ = make_images(200, seed=3)
@@ -288,7 +288,7 @@ def test_unlabeled_source_runs_end_to_end(tiny_cfg: RunConfig, tmp_path: Path) -
     tensors, meta = load_tensors(ctx.path("distilled.safetensors"))
     assert "labels" not in tensors and meta["teacher"]["probe_accuracy"] is None
     result = evaluate_run(ctx)
-    assert [r["set"] for r in result["rows"]][0] == "none (random init)"
+    assert result["rows"][0]["set"] == "none (random init)"
     assert "MKDT 12" in format_table(result)
     bad = prepare_run(cfg.override(["init.class_balanced=true"]), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="needs a labelled source"):
