@@ -17,13 +17,14 @@ from ._version import __version__
 from .config import ConfigError, RunConfig, list_presets, load_preset
 from .context import LOGGER_NAME, RunContext
 from .data import DataNotFoundError
+from .hub import HubError
 from .hub_cli import register as register_hub_commands
 from .io import ArtifactError
 from .models import UnknownArchError
 
 DEMO_PRESET = "cpu-fmnist-2pct"
-_USER_ERRORS = (ConfigError, ArtifactError, DataNotFoundError, UnknownArchError, ValueError,
-                FloatingPointError, FileNotFoundError)
+_USER_ERRORS = (ConfigError, ArtifactError, DataNotFoundError, UnknownArchError, HubError, ValueError,
+                FloatingPointError, FileNotFoundError, FileExistsError)
 
 
 class _TqdmHandler(logging.Handler):
@@ -205,7 +206,7 @@ def presets_show(name: str) -> None:
     click.echo(load_preset(name).to_yaml(), nl=False)
 
 
-register_hub_commands(main)
+register_hub_commands(main, _user_errors)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

@@ -34,6 +34,7 @@ from torchvision.datasets import VisionDataset
 
 from .artifact import (
     DistilledSet,
+    is_set_dir,
     load_distilled_file,
     pil_image,
     read_set,
@@ -100,6 +101,16 @@ class DistilledDataset(VisionDataset):
         dset = load_distilled_file(Path(run_dir) / DISTILLED_FILE)
         dset.card = render_card(dset)
         return cls(run_dir, _set=dset, **kwargs)
+
+    @classmethod
+    def open(cls, source: str | os.PathLike, **kwargs: Any) -> DistilledDataset:
+        """A set folder, a pipeline run directory, or else a Hub name / ``org/name`` id."""
+        path = Path(source)
+        if is_set_dir(path):
+            return cls.from_local(path, **kwargs)
+        if (path / DISTILLED_FILE).is_file():
+            return cls.from_run(path, **kwargs)
+        return cls.from_hub(str(source), **kwargs)
 
     @classmethod
     def from_hub(cls, name_or_repo_id: str, *, revision: str | None = None, endpoint: str | None = None,

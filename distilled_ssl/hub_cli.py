@@ -5,7 +5,6 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 from collections.abc import Callable
@@ -15,29 +14,13 @@ from typing import Any
 import click
 
 from .artifact import (
-    ArtifactError,
     DistilledSet,
     is_set_dir,
     load_distilled_file,
     read_set,
     split_front_matter,
 )
-from .hub import KNOWN_SETS, HubError, cached_sets, download_set, push_to_hub, resolve_name
-
-_ERRORS = (HubError, ArtifactError, ValueError, FileExistsError)
-
-
-def _errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Library errors become one-line CLI errors (exit code 1), never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return fn(*args, **kwargs)
-        except _ERRORS as exc:
-            raise click.ClickException(str(exc)) from exc
-
-    return wrapper
+from .hub import KNOWN_SETS, cached_sets, download_set, push_to_hub, resolve_name
 
 
 def _hub_options(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -59,8 +42,9 @@ def _emit(data: dict[str, Any] | list[Any], as_json: bool, text: Callable[[], No
         text()
 
 
-def register(main: click.Group) -> None:
-    """Add ``push``, ``pull``, ``info`` and ``list`` to ``main``."""
+def register(main: click.Group, user_errors: Callable[[Callable[..., Any]], Callable[..., Any]]) -> None:
+    """Add ``push``, ``pull``, ``info`` and ``list`` to ``main``; ``user_errors`` is the CLI's decorator
+    that turns library errors into one-line messages."""
 
     @main.command()
     @click.argument("source", type=click.Path(exists=True, file_okay=False, path_type=Path),
@@ -71,7 +55,7 @@ def register(main: click.Group) -> None:
     @click.option("--message", "commit_message", default=None, help="Commit message.")
     @_hub_options
     @_json_option
-    @_errors
+    @user_errors
     def push(source: Path, repo_id: str, private: bool | None, tag: str | None, commit_message: str | None,
              endpoint: str | None, token: str | None, as_json: bool) -> None:
         """Publish a run's distilled set (or a set folder) as a Hub dataset repo, in one commit."""
@@ -89,7 +73,7 @@ def register(main: click.Group) -> None:
                   help="Also copy the set into this folder (default: stay in the Hub cache).")
     @_hub_options
     @_json_option
-    @_errors
+    @user_errors
     def pull(name: str, revision: str | None, out: Path | None, endpoint: str | None, token: str | None,
              as_json: bool) -> None:
         """Download a set (short name or org/name) into the Hub cache, checking its checksums."""
@@ -111,7 +95,7 @@ def register(main: click.Group) -> None:
     @click.option("--revision", default=None, help="Tag, branch or commit sha (Hub sets).")
     @_hub_options
     @_json_option
-    @_errors
+    @user_errors
     def info(name_or_dir: str, revision: str | None, endpoint: str | None, token: str | None,
              as_json: bool) -> None:
         """Card summary, size, provenance and checksum status of a set (folder, run dir or Hub name)."""

@@ -13,7 +13,7 @@ import torch
 
 from .context import RunContext, combine
 from .data import normalize
-from .experts import ExpertFile, experts_fingerprint, list_experts, student_for
+from .experts import experts_fingerprint, list_experts, student_for
 from .io import ArtifactError, check_fingerprint, load_tensors, save_tensors
 from .models import FlatParams
 from .targets import load_targets
@@ -73,22 +73,13 @@ def high_loss_scores(ctx: RunContext, batch_size: int = 1024) -> torch.Tensor:
     flat = FlatParams(model)
     total = torch.zeros(len(data))
     for ef in ctx.bar(experts, desc="init: scoring"):
-        row = _loss_row(ef, ctx.cfg.init.loss_epoch)
-        flat.load(ef.params(row)[0].to(dev), _buffers(ef, row, dev))
+        row = ef.schedule.index_near(ctx.cfg.init.loss_epoch)
+        flat.load(ef.params(row)[0], ef.buffers(row))  # copy_ moves them to the model's device
         for i in range(0, len(data), batch_size):
             x = normalize(data.images[i:i + batch_size].to(dev), data.mean, data.std)
             out = model(x)
             total[i:i + batch_size] += (out - reps[i:i + batch_size].to(dev)).pow(2).mean(1).cpu()
     return total / len(experts)
-
-
-def _loss_row(ef: ExpertFile, epoch: float) -> int:
-    return ef.schedule.index_near(epoch)
-
-
-def _buffers(ef: ExpertFile, row: int, dev: torch.device) -> torch.Tensor | None:
-    b = ef.buffers(row)
-    return None if b is None else b.to(dev)
 
 
 def top_k(scores: torch.Tensor, k: int, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -42,14 +42,6 @@ class WithTargetReps(Dataset):
         return image, self.target_reps[i]
 
 
-def open_set(source: str) -> DistilledDataset:
-    path = Path(source)
-    if (path / "_info.json").is_file():
-        return DistilledDataset.from_local(path)
-    if (path / "distilled.safetensors").is_file():
-        return DistilledDataset.from_run(path)
-    return DistilledDataset.from_hub(source)
-
 
 def main(argv: list[str] | None = None) -> float:
     """Export, then one KD pass over the ImageFolder; returns the mean loss."""
@@ -60,7 +52,7 @@ def main(argv: list[str] | None = None) -> float:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    ds = open_set(args.source)
+    ds = DistilledDataset.open(args.source)
     root = ds.export_image_folder(args.out)
     grey = ds.images.shape[1] == 1
     tf = transforms.Compose([*([transforms.Grayscale()] if grey else []),  # ImageFolder loads RGB

@@ -9,7 +9,6 @@ and a projection head, and the Barlow Twins loss. Swap in lightly's heads/losses
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from torch import nn
@@ -36,14 +35,6 @@ def collate_views(batch: list) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.stack([a for a, _ in views]), torch.stack([b for _, b in views])
 
 
-def open_set(source: str, **kwargs) -> DistilledDataset:
-    path = Path(source)
-    if (path / "_info.json").is_file():
-        return DistilledDataset.from_local(path, **kwargs)
-    if (path / "distilled.safetensors").is_file():
-        return DistilledDataset.from_run(path, **kwargs)
-    return DistilledDataset.from_hub(source, **kwargs)
-
 
 def main(argv: list[str] | None = None) -> float:
     """Train; returns the last epoch's mean loss."""
@@ -56,7 +47,7 @@ def main(argv: list[str] | None = None) -> float:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    ds = open_set(args.source, target_type="none")
+    ds = DistilledDataset.open(args.source, target_type="none")
     size = ds.images.shape[-1]
     augment = v2.Compose([
         v2.ToImage(), v2.RandomResizedCrop(size, scale=(0.5, 1.0), antialias=True),

@@ -18,16 +18,6 @@ from distilled_ssl.dataset import DistilledDataset
 from distilled_ssl.losses import kd_loss
 
 
-def open_set(source: str, **kwargs) -> DistilledDataset:
-    """A set folder, a pipeline run directory, or a Hub name."""
-    path = Path(source)
-    if (path / "_info.json").is_file():
-        return DistilledDataset.from_local(path, **kwargs)
-    if (path / "distilled.safetensors").is_file():
-        return DistilledDataset.from_run(path, **kwargs)
-    return DistilledDataset.from_hub(source, **kwargs)
-
-
 def main(argv: list[str] | None = None) -> float:
     """Train; returns the last epoch's mean KD loss."""
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -40,7 +30,7 @@ def main(argv: list[str] | None = None) -> float:
     args = ap.parse_args(argv)
     torch.manual_seed(0)
 
-    ds = open_set(args.source)
+    ds = DistilledDataset.open(args.source)
     ds.transform = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True),
                                v2.Normalize(ds.mean, ds.std)])
     loader = DataLoader(ds, batch_size=args.batch_size, shuffle=True, num_workers=args.workers)

@@ -30,7 +30,6 @@ from distilled_ssl.hub import (
     push_to_hub,
     resolve_name,
 )
-from distilled_ssl.hub_cli import register
 from distilled_ssl.io import load_tensors
 
 REPO = "alice/tiny-set"
@@ -193,11 +192,9 @@ def test_socket_guard_blocks_external_hosts(no_external_network: list[str]) -> N
 
 @pytest.fixture
 def cli() -> click.Group:
-    @click.group()
-    def main() -> None:
-        """Test group."""
+    """The real ``distilled-ssl`` group (the Hub commands are registered on it)."""
+    from distilled_ssl.cli import main
 
-    register(main)
     return main
 
 
