@@ -136,6 +136,16 @@ def main() -> None:
         if r["cuda_peak_mib"] is not None:
             mem += f" (CUDA {r['cuda_peak_mib']:.0f})"
         lines.append(f"| {r['mode']} | {r['syn_steps']} | {r['seconds']:.2f} | {mem} | {r['overhead']:.2f} |")
+    by = {(r["mode"], r["syn_steps"]): r for r in rows}
+    ratios = [(n, by[("adjoint", n)]["seconds"] / by[("unrolled", n)]["seconds"],
+               1 + 1 / by[("unrolled", n)]["overhead"]) for n in args.steps
+              if ("adjoint", n) in by and ("unrolled", n) in by]
+    if ratios:
+        # adjoint = the unrolled mode's work (forward with graph + one double backward per step)
+        # plus one plain forward sweep that finds theta_1..theta_N: its floor is 1 + 1/overhead.
+        lines += ["", "| syn_steps | adjoint ÷ unrolled | floor (1 + 1 / unrolled overhead) |",
+                  "|---|---|---|"]
+        lines += [f"| {n} | {ratio:.2f} | {floor:.2f} |" for n, ratio, floor in ratios]
     table = "\n".join(lines)
     print(table)
     if args.out:

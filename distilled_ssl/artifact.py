@@ -40,7 +40,8 @@ from PIL import Image
 from ._version import __version__
 from .distill import DISTILLED_FILE, GRID_FILE
 from .io import FORMAT_VERSION, ArtifactError, file_sha256, load_tensors
-from .report import RESULTS_FILE
+
+RESULTS_FILE = "results.json"  # written by distilled_ssl.report
 
 SET_FORMAT = "distilled_ssl.set"
 SET_FORMAT_VERSION = 1
@@ -459,7 +460,7 @@ def _provenance(dset: DistilledSet, results: dict[str, Any] | None) -> dict[str,
     meta = dset.metadata
     keep = ("method", "library_version", "format_version", "fingerprint", "num_images", "image_shape",
             "target_dim", "image_encoding", "normalization", "source", "teacher", "student", "init",
-            "num_experts", "iterations", "matching_loss", "config")
+            "num_experts", "iterations", "matching_loss", "krr_loss", "config")
     prov = {k: meta[k] for k in keep if k in meta}
     prov["learned_lr"] = dset.lr
     if results is not None:
@@ -479,15 +480,12 @@ def _fraction(k: int, n: int | None) -> str:
 
 
 def _results_table(results: dict[str, Any] | None) -> str:
-    if not results or not results.get("rows"):
+    if not results or not results.get("summary"):
         return "No evaluation was run for this set."
-    cols = [c for c in results["rows"][0] if c != "set"]
-    lines = ["| set | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
-    for row in results["rows"]:
-        cells = [f"{row.get(c):.4g}" if isinstance(row.get(c), float) else str(row.get(c)) for c in cols]
-        lines.append(f"| {row.get('set')} | " + " | ".join(cells) + " |")
-    model = results.get("eval_model", {})
-    lines.append("")
-    lines.append(f"Pre-training {model.get('arch')} for {results.get('epochs')} epochs on each set, "
-                 "then measuring on unseen test images (distilled_ssl's quick evaluation).")
-    return "\n".join(lines)
+    from .report import format_table  # report reads sets: import here, not at module level
+
+    p = results.get("protocol", {})
+    return (format_table(results) + f"\nKD pre-training of a fresh encoder for {p.get('epochs')} epochs "
+            "on each set, then teacher fidelity on unseen test images and linear probe / kNN "
+            f"accuracy (%) on {', '.join(p.get('downstream', []))}; mean ± std over seeds "
+            "(distilled_ssl's evaluation).")

@@ -17,6 +17,7 @@ from ._version import __version__
 from .config import ConfigError, RunConfig, list_presets, load_preset
 from .context import LOGGER_NAME, RunContext
 from .data import DataNotFoundError
+from .eval_cli import register as register_eval_command
 from .hub import HubError
 from .hub_cli import register as register_hub_commands
 from .io import ArtifactError
@@ -145,9 +146,12 @@ def _run_all(ctx: RunContext, *, force: bool, evaluate: bool) -> None:
     click.echo("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
                + f" (total {time.perf_counter() - t0:.0f} s)")
     if result is not None:
-        click.echo(f"\nPre-training {result['eval_model']['arch']} on each set "
-                   f"({result['epochs']} epochs), then on unseen test images:")
+        p = result["protocol"]
+        click.echo(f"\nKD pre-training of a fresh encoder on each set ({p['epochs']} epochs), then "
+                   "teacher fidelity on unseen test images and linear probe / kNN with "
+                   f"{', '.join(f'{100 * f:g}%' for f in p['label_fractions'])} of the labels:\n")
         click.echo(format_table(result))
+        click.echo(f"plot: {ctx.path('results.png')}")
     click.echo(f"\ndistilled set: {ctx.path('distilled.safetensors')}")
     click.echo(f"picture:       {ctx.path('distilled.png')}")
 
@@ -207,6 +211,7 @@ def presets_show(name: str) -> None:
 
 
 register_hub_commands(main, _user_errors)
+register_eval_command(main, _user_errors, _setup_console)
 
 if __name__ == "__main__":  # pragma: no cover
     main()

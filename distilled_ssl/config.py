@@ -89,9 +89,25 @@ class InitConfig:
 
 
 @dataclass
-class DistillConfig:
-    """Stage 5: trajectory matching."""
+class KrrStConfig:
+    """Stage 5 with ``distill.method: krr_st`` (Lee et al., ICLR 2024; MKDT.md, last section)."""
 
+    pool_size: int = 10  # models in the pool (the student architecture)
+    real_batch: int = 1024  # real images per outer step (teacher reps as regression targets)
+    lr: float = 1e-3  # AdamW on images and target reps, decayed linearly to 0
+    weight_decay: float = 0.0  # AdamW weight decay on images and target reps
+    ridge: float = 1e-6  # lambda = ridge * trace(K_ss)
+    model_lr: float = 0.1  # each pool model's SGD step on MSE(model(X_syn), Y_syn)
+    model_momentum: float = 0.9
+    model_weight_decay: float = 1e-3
+    model_steps: int = 1000  # a pool model is re-initialised after this many SGD steps
+
+
+@dataclass
+class DistillConfig:
+    """Stage 5: trajectory matching (MKDT), or the KRR-ST baseline (``method: krr_st``)."""
+
+    method: str = "mkdt"  # "mkdt" | "krr_st"
     iterations: int = 5000
     syn_steps: int = 40
     expert_epochs: float = 2.0  # matched span, in epochs of expert training
@@ -106,17 +122,26 @@ class DistillConfig:
     mode: str = "adjoint"  # "adjoint" (exact, memory constant in syn_steps) | "unrolled"
     checkpoint_every: int = 50
     log_every: int = 10
+    krr_st: KrrStConfig = field(default_factory=KrrStConfig)
 
 
 @dataclass
 class EvalConfig:
-    """The demo's quick check: pre-train a fresh student on the distilled set."""
+    """Stage 6 (:mod:`distilled_ssl.evaluate`): pre-train fresh encoders on the distilled set and
+    on baselines, then measure teacher fidelity, linear probes and kNN on downstream sets."""
 
-    enabled: bool = True
-    epochs: int = 20
+    enabled: bool = True  # run the evaluation at the end of `distilled-ssl run` / `demo`
+    epochs: int = 20  # KD pre-training epochs on a distilled set or a subset of its size
+    full_epochs: int = 2  # KD pre-training epochs of the full-data baseline
     batch_size: int = 256
-    label_fraction: float = 0.01
-    model: ModelConfig | None = None  # None = the distillation student
+    model: ModelConfig | None = None  # the evaluation encoder; None = the distillation student
+    extra_models: list[ModelConfig] = field(default_factory=list)  # more encoders (cross-arch)
+    baselines: list[str] = field(default_factory=lambda: ["none", "random", "init"])
+    downstream: list[str] = field(default_factory=list)  # [] = the source; "name?" = if present
+    label_fractions: list[float] = field(default_factory=lambda: [0.01])
+    seeds: int = 1  # a seed fixes the pre-training init, the random subset and the label subsets
+    knn_k: int = 20  # 0 = no kNN
+    finetune_epochs: int = 0  # 0 = no fine-tuning
 
 
 @dataclass
@@ -197,6 +222,13 @@ class RunConfig:
         _choice(self, "teacher.mode", {"train", "load"})
         _choice(self, "init.method", {"high_loss", "random"})
         _choice(self, "distill.mode", {"adjoint", "unrolled"})
+        _choice(self, "distill.method", {"mkdt", "krr_st"})
+        _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
+                  "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",
+                  "eval.seeds", "eval.full_epochs")
+        _non_negative(self, "distill.krr_st.weight_decay", "distill.krr_st.model_lr",
+                      "distill.krr_st.model_momentum", "distill.krr_st.model_weight_decay",
+                      "eval.knn_k", "eval.finetune_epochs")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.teacher.mode == "load" and not self.teacher.weights:
@@ -226,8 +258,15 @@ class RunConfig:
             raise ConfigError("experts.checkpoint_every_steps must be >= 1 or null")
         if self.source.subset is not None and self.source.subset < 2:
             raise ConfigError("source.subset must be >= 2 or null")
-        if not 0 < self.eval.label_fraction <= 1:
-            raise ConfigError("eval.label_fraction must be in (0, 1]")
+        if not self.eval.label_fractions or not all(0 < f <= 1 for f in self.eval.label_fractions):
+            raise ConfigError(f"eval.label_fractions must be a non-empty list of numbers in (0, 1], "
+                              f"got {self.eval.label_fractions}")
+        from .baselines import check_baselines  # local imports: these import torch
+
+        try:
+            check_baselines(self.eval.baselines)
+        except ValueError as exc:
+            raise ConfigError(f"eval.baselines: {exc}") from exc
         from .data import check_source_name  # local imports: both import torch
         from .models import check_arch
 
@@ -239,6 +278,7 @@ class RunConfig:
         models = [("teacher.model", self.teacher.model), ("student", self.student)]
         if self.eval.model is not None:
             models.append(("eval.model", self.eval.model))
+        models += [(f"eval.extra_models[{i}]", m) for i, m in enumerate(self.eval.extra_models)]
         for where, model in models:
             try:
                 check_arch(model.arch, where)

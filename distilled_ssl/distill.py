@@ -43,13 +43,20 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if not ctx.path(INIT_FILE).exists():
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
-    keys = {k: v for k, v in asdict(d).items() if k not in ("iterations", "log_every",
-                                                             "checkpoint_every")}
+    skip = {"iterations", "log_every", "checkpoint_every"} | ({"krr_st"} if d.method == "mkdt" else set())
+    keys = {k: v for k, v in asdict(d).items() if k not in skip}
     return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
 
 
 def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
-    """Stage 5: write ``distilled.safetensors`` and ``distilled.png`` (resumable)."""
+    """Stage 5: write ``distilled.safetensors`` and ``distilled.png`` (resumable).
+
+    ``distill.method: krr_st`` runs the KRR-ST baseline instead (:mod:`distilled_ssl.krr_st`).
+    """
+    if ctx.cfg.distill.method == "krr_st":
+        from .krr_st import run_krr_st  # krr_st imports this module
+
+        return run_krr_st(ctx, force=force)
     out = ctx.path(DISTILLED_FILE)
     fp = distill_fingerprint(ctx)
     d = ctx.cfg.distill
@@ -126,7 +133,10 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
             _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
                         {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp})
     bar.close()
-    _write_distilled(ctx, out, fp, index, images, targets, lr, history, experts)
+    _write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
+                     extra={"num_experts": len(experts),
+                            "matching_loss": {"first": _mean(history[:10]),
+                                              "last": _mean(history[-10:])}})
     return out
 
 
@@ -184,8 +194,9 @@ def _save_state(path: Path, images: torch.Tensor, targets: torch.Tensor, lr: tor
 
 
 def _write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, images: torch.Tensor,
-                     targets: torch.Tensor, lr: torch.Tensor, history: list[float],
-                     experts: list[ExpertFile]) -> None:
+                     targets: torch.Tensor, lr: torch.Tensor, history: list[float], *, method: str,
+                     extra: dict[str, Any]) -> None:
+    """Write the distilled set of either method; ``extra`` is the method's own metadata."""
     data = ctx.train_set
     pixels = denormalize(images.detach().cpu(), data.mean, data.std)
     tensors = {"images": pixels.half(), "targets": targets.detach().cpu().float(),
@@ -197,7 +208,7 @@ def _write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, i
     c, h, w = data.shape
     cfg = ctx.cfg
     meta = {
-        "kind": "distilled_set", "method": "mkdt", "fingerprint": fp,
+        "kind": "distilled_set", "method": method, "fingerprint": fp,
         "library_version": __version__, "iterations": len(history),
         "num_images": len(index), "image_shape": [c, h, w], "target_dim": targets.shape[1],
         "image_encoding": IMAGE_ENCODING,
@@ -207,8 +218,7 @@ def _write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, i
                                                 "loaded_from", "probe_accuracy")},
         "student": {"arch": cfg.student.arch, "kwargs": cfg.student.kwargs},
         "init": {"method": cfg.init.method, "class_balanced": cfg.init.class_balanced},
-        "num_experts": len(experts),
-        "matching_loss": {"first": _mean(history[:10]), "last": _mean(history[-10:])},
+        **extra,
         "config": cfg.to_dict(),
         "targets_file": read_metadata(ctx.path(TARGETS_FILE)).get("fingerprint"),
     }
@@ -216,8 +226,8 @@ def _write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, i
     shown = pick_for_grid(tensors.get("labels"), len(index))
     initial = data.images[index][shown].float() / 255.0
     save_comparison(ctx.path(GRID_FILE), initial, pixels[shown])
-    ctx.log.info("distill: wrote %s (%d images, lr %.4g) and %s", out, len(index), float(lr),
-                 ctx.path(GRID_FILE))
+    ctx.log.info("distill: wrote %s (%s, %d images, lr %.4g) and %s", out, method, len(index),
+                 float(lr), ctx.path(GRID_FILE))
 
 
 def _mean(xs: list[float]) -> float | None:

@@ -1,14 +1,17 @@
 """Pre-train on a (distilled or real) set with the KD objective, then measure what was learned.
 
 ``pretrain_kd`` is MKDT.md stage 6: a fresh encoder trained with MSE to the set's target reps
-(SGD momentum 0.9, weight decay 1e-4, lr = the set's learned lr, no augmentation); a linear
-adapter maps the encoder's features to the reps when their sizes differ. Two measures:
-``teacher_fidelity`` (R² and mean cosine of the encoder's output against the teacher's reps on
-unseen images) and ``probe_accuracy`` (linear probe on a stratified, seeded label fraction).
+(SGD momentum 0.9, weight decay 1e-4, lr = the set's learned lr, no augmentation); the encoder's
+final linear layer maps its pooled features to the reps' size. Measures: ``teacher_fidelity``
+(R² and mean cosine of the encoder's output against the teacher's reps on unseen images) and, per
+downstream set and label fraction (``downstream_metrics``), a linear probe, kNN and optionally
+fine-tuning, each on the same stratified, seeded label subset.
 """
 
 from __future__ import annotations
 
+import copy
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -16,6 +19,7 @@ import torch.nn.functional as F
 
 from .context import seeded
 from .data import ImageSet, normalize
+from .downstream import Downstream
 from .losses import kd_loss
 from .models import Encoder, build_model
 from .probe import extract, linear_probe
@@ -29,6 +33,7 @@ class PretrainSet:
     images: torch.Tensor
     targets: torch.Tensor
     lr: float
+    epochs: int | None = None  # None = the evaluation's default
 
 
 def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channels: int,
@@ -44,7 +49,7 @@ def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channel
     g = torch.Generator().manual_seed(seed)
     x_all, y_all = pset.images.to(device), pset.targets.to(device)
     model.train()
-    for _ in range(epochs):
+    for _ in range(pset.epochs or epochs):
         order = torch.randperm(len(x_all), generator=g).to(device)
         for i in range(0, len(order), batch_size):
             idx = order[i:i + batch_size]
@@ -106,3 +111,79 @@ def probe_accuracy(model: Encoder, train: ImageSet, test: ImageSet, fraction: fl
     ftr = extract(model.eval().features, train.images[idx], train.mean, train.std, device=device)
     fte = extract(model.features, test.images, train.mean, train.std, device=device)
     return linear_probe(ftr, train.labels[idx], fte, test.labels)
+
+
+def knn_accuracy(train_x: torch.Tensor, train_y: torch.Tensor, test_x: torch.Tensor,
+                 test_y: torch.Tensor, *, k: int = 20, temperature: float = 0.07) -> float:
+    """Weighted kNN on cosine similarity (votes exp(sim / T), as in SSL papers); test accuracy."""
+    tr = F.normalize(train_x.float(), dim=1)
+    num_classes = int(max(train_y.max(), test_y.max())) + 1
+    k = min(k, len(tr))
+    correct = 0
+    for i in range(0, len(test_x), 2048):
+        sim = F.normalize(test_x[i:i + 2048].float(), dim=1) @ tr.T
+        top, idx = sim.topk(k, dim=1)
+        votes = torch.zeros(len(sim), num_classes).scatter_add_(1, train_y[idx], (top / temperature).exp())
+        correct += int((votes.argmax(1) == test_y[i:i + 2048]).sum())
+    return correct / len(test_x)
+
+
+def finetune_accuracy(model: Encoder, train_x: torch.Tensor, train_y: torch.Tensor,
+                      test: ImageSet, *, epochs: int, seed: int, lr: float = 0.01,
+                      batch_size: int = 128, device: str = "cpu") -> float:
+    """Fine-tune a copy of the whole encoder plus a linear head on the labelled images."""
+    net = copy.deepcopy(model).to(device).train()
+    with seeded(seed):
+        head = torch.nn.Linear(net.feature_dim, int(train_y.max()) + 1).to(device)
+    params = [*net.parameters(), *head.parameters()]
+    opt = torch.optim.SGD(params, lr=lr, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(seed)
+    x_all = normalize(train_x.to(device), test.mean, test.std)
+    y_all = train_y.to(device)
+    for _ in range(epochs):
+        order = torch.randperm(len(x_all), generator=g).to(device)
+        for i in range(0, len(order), batch_size):
+            idx = order[i:i + batch_size]
+            if len(idx) < 2:
+                continue
+            loss = F.cross_entropy(head(net.features(x_all[idx])), y_all[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+    if not all(torch.isfinite(p).all() for p in params):
+        raise FloatingPointError("fine-tuning diverged")
+    net.eval()
+    logits = extract(lambda x: head(net.features(x)), test.images, test.mean, test.std, device=device)
+    assert test.labels is not None
+    return float((logits.argmax(1) == test.labels).double().mean())
+
+
+def fraction_label(fraction: float) -> str:
+    """0.01 → '1%'."""
+    return f"{100 * fraction:g}%"
+
+
+def downstream_metrics(features: Callable[[torch.Tensor], torch.Tensor], mean: tuple[float, ...],
+                       std: tuple[float, ...], ds: Downstream, fractions: Sequence[float], seed: int,
+                       *, knn_k: int = 20, finetune: tuple[Encoder, int] | None = None,
+                       device: str = "cpu") -> dict[str, float]:
+    """Probe / kNN / fine-tune accuracy on ``ds`` for each label fraction (keys ``name/probe@1%``).
+
+    ``features`` maps normalised images (``mean``/``std``: the encoder's own normalisation) to
+    feature vectors; the label subset of each fraction is stratified and seeded by ``seed``."""
+    assert ds.train.labels is not None and ds.test.labels is not None
+    out: dict[str, float] = {}
+    test_f = extract(features, ds.test.images, mean, std, device=device)
+    for frac in fractions:
+        idx = stratified_fraction(ds.train.labels, frac, seed)
+        train_f = extract(features, ds.train.images[idx], mean, std, device=device)
+        y = ds.train.labels[idx]
+        tag = fraction_label(frac)
+        out[f"{ds.name}/probe@{tag}"] = linear_probe(train_f, y, test_f, ds.test.labels)
+        if knn_k > 0:
+            out[f"{ds.name}/knn@{tag}"] = knn_accuracy(train_f, y, test_f, ds.test.labels, k=knn_k)
+        if finetune is not None and finetune[1] > 0:
+            out[f"{ds.name}/finetune@{tag}"] = finetune_accuracy(
+                finetune[0], ds.train.images[idx], y, ds.test, epochs=finetune[1], seed=seed,
+                device=device)
+    return out

@@ -1,4 +1,8 @@
-"""The MKDT pipeline: stages 1-5 in order, each skipped when its artifact is already there."""
+"""The MKDT pipeline: stages 1-5 in order, each skipped when its artifact is already there.
+
+With ``distill.method: krr_st`` stage 5 runs KRR-ST, and stage 3 is skipped unless the
+high-loss init needs the experts.
+"""
 
 from __future__ import annotations
 
@@ -24,6 +28,11 @@ LOG_FILE = "run.log"
 
 
 def _experts_then_check(ctx: RunContext, *, force: bool = False) -> Path:
+    cfg = ctx.cfg
+    if cfg.distill.method == "krr_st" and cfg.init.method == "random":
+        ctx.log.info("experts: skipped: distill.method=krr_st needs no expert trajectories and "
+                     "init.method=random needs no expert losses")
+        return ctx.path("experts")
     run_experts(ctx, force=force)
     list_experts(ctx)  # all experts finished (others may be trained by other processes)
     return ctx.path("experts")

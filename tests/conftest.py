@@ -57,7 +57,7 @@ def tiny_config(npz: Path) -> RunConfig:
     d.expert_epochs, d.max_start_epoch = 0.5, 1.0
     d.lr_img, d.lr_targets, d.lr_lr = 100.0, 10.0, 1e-4
     d.checkpoint_every, d.log_every = 2, 2
-    cfg.eval.epochs, cfg.eval.batch_size, cfg.eval.label_fraction = 2, 6, 0.25
+    cfg.eval.epochs, cfg.eval.batch_size, cfg.eval.label_fractions = 2, 6, [0.25]
     return cfg
 
 

@@ -67,8 +67,10 @@ def test_webdataset_reads_the_shards(tiny_run: Path, tiny_set: Path) -> None:
 
 def test_card_front_matter_and_body(tiny_run: Path, tmp_path: Path) -> None:
     (tiny_run / "results.json").write_text(json.dumps(
-        {"eval_model": {"arch": "convnet"}, "epochs": 2,
-         "rows": [{"set": "MKDT 12", "probe@0.1": 0.7123, "fidelity_r2": 0.5}]}))
+        {"protocol": {"epochs": 2, "seeds": 2, "downstream": ["toy"]},
+         "summary": [{"encoder": "convnet()", "set": "MKDT (random init)",
+                      "toy/probe@10%": {"mean": 0.7123, "std": 0.01, "n": 2},
+                      "fidelity_r2": {"mean": 0.5, "std": 0.0, "n": 2}}]}))
     out = write_set(tiny_run, tmp_path / "s", repo_id="someone/my-set")
     front, body = split_front_matter((out / "README.md").read_text())
     assert front["license"] == "mit"
@@ -81,9 +83,9 @@ def test_card_front_matter_and_body(tiny_run: Path, tmp_path: Path) -> None:
     assert prov["teacher"]["arch"] == "convnet"
     assert prov["library_version"] == "0.1.0"
     assert prov["learned_lr"] == pytest.approx(0.05)
-    assert prov["evaluation"]["rows"][0]["probe@0.1"] == 0.7123
+    assert prov["evaluation"]["summary"][0]["toy/probe@10%"]["mean"] == 0.7123
     assert 'DistilledDataset.from_hub("someone/my-set")' in body
-    assert "| MKDT 12 | 0.7123 | 0.5 |" in body
+    assert "| MKDT (random init) | 71.2 ± 1.0 | 0.500 ± 0.000 |" in body
     assert "@inproceedings{joshi2025mkdt" in body
 
 

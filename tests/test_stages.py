@@ -289,7 +289,8 @@ def test_unlabeled_source_runs_end_to_end(tiny_cfg: RunConfig, tmp_path: Path) -
     assert "labels" not in tensors and meta["teacher"]["probe_accuracy"] is None
     result = evaluate_run(ctx)
     assert result["rows"][0]["set"] == "none (random init)"
-    assert "MKDT 12" in format_table(result)
+    assert "MKDT (high-loss init)" in format_table(result)
+    assert result["protocol"]["downstream"] == []  # no labels: fidelity only
     bad = prepare_run(cfg.override(["init.class_balanced=true"]), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="needs a labelled source"):
         run_pipeline(bad)

@@ -1,0 +1,150 @@
+"""The quality benchmark: MKDT end to end on a preset, then every baseline, over several seeds.
+
+Runs (or reuses, when finished) three distillations in sibling run directories that share the
+teacher, target reps and experts (hard links, so no stage runs twice):
+
+* ``OUT/mkdt``         — the preset as shipped (MKDT, its own init);
+* ``OUT/mkdt-random``  — MKDT from a plain random init (the paper's ablation);
+* ``OUT/krr-st``       — KRR-ST from a plain random init (``distill.method=krr_st``);
+
+then ``evaluate_run`` on ``OUT/mkdt`` with every baseline and the two other sets, and prints /
+writes the table, the "window closed" figures and the plot.
+
+    python benchmarks/quality.py --out runs/quality                  # the cpu-fmnist-2pct preset
+    python benchmarks/quality.py --out runs/q --preset smoke --seeds 1 --set eval.full_epochs=1
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from distilled_ssl.config import load_preset
+from distilled_ssl.pipeline import prepare_run, run_log, run_pipeline
+from distilled_ssl.report import PLOT_FILE, evaluate_run, format_table
+
+SHARED = ("teacher.safetensors", "targets.safetensors", "experts")
+BASELINES = ["none", "random", "high_loss", "high_loss_balanced", "full", "teacher"]
+PRIMARY = ("fidelity_r2", "fashion-mnist/probe@1%", "mnist-5k/probe@10%")
+
+
+def _link_shared(src: Path, dst: Path) -> None:
+    """Hard-link the shared artifacts of ``src`` into ``dst`` (copy when links are impossible)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for name in SHARED:
+        s, d = src / name, dst / name
+        if not s.exists() or d.exists():
+            continue
+        if s.is_dir():
+            shutil.copytree(s, d, copy_function=_link_or_copy)
+        else:
+            _link_or_copy(s, d)
+
+
+def _link_or_copy(s: str | os.PathLike, d: str | os.PathLike) -> None:
+    try:
+        os.link(s, d)
+    except OSError:
+        shutil.copy2(s, d)
+
+
+def _run(cfg: Any, out: Path, name: str, stages: list[str] | None = None) -> dict[str, float]:
+    ctx = prepare_run(cfg, out, progress=False)
+    t0 = time.perf_counter()
+    times = run_pipeline(ctx, stages=stages)
+    print(f"[{name}] stages: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
+          + f" (total {time.perf_counter() - t0:.0f} s)", flush=True)
+    return times
+
+
+def window_closed(summary: list[dict[str, Any]], encoder: str, metric: str, low: str, high: str
+                  ) -> dict[str, float]:
+    """For each set: (set - low) / (high - low) on ``metric`` (means over seeds)."""
+    by = {s["set"]: s[metric]["mean"] for s in summary if s["encoder"] == encoder and metric in s}
+    if low not in by or high not in by or by[high] == by[low]:
+        return {}
+    return {name: (v - by[low]) / (by[high] - by[low]) for name, v in by.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--preset", default="cpu-fmnist-2pct")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--weak-teacher", default="builtin:fmnist-bt-resnet10-8ep",
+                    help="Full-data KD with this teacher too (empty: skip).")
+    ap.add_argument("--downstream", default="fashion-mnist,mnist-5k")
+    ap.add_argument("--label-fractions", default="0.01,0.1")
+    ap.add_argument("--cross-arch", default="student",
+                    help="A second evaluation encoder ('student' = the distillation ConvNet; empty: none).")
+    ap.add_argument("--krr-iterations", type=int, default=None, help="KRR-ST outer steps (default: preset).")
+    ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                    help="Config override for every run.")
+    ap.add_argument("--results", type=Path, default=None,
+                    help="Also write table/plot/json here (e.g. benchmarks/results/quality_cpu)")
+    args = ap.parse_args()
+
+    from distilled_ssl.eval_cli import parse_arch
+
+    base = load_preset(args.preset).override(args.overrides)
+    out = args.out
+    t_all = time.perf_counter()
+    times = {"mkdt": _run(base, out / "mkdt", "mkdt")}
+    random_init = ["init.method=random", "init.class_balanced=false"]
+    _link_shared(out / "mkdt", out / "mkdt-random")
+    times["mkdt-random"] = _run(base.override(random_init), out / "mkdt-random", "mkdt-random")
+    _link_shared(out / "mkdt", out / "krr-st")
+    krr = base.override([*random_init, "distill.method=krr_st"])
+    if args.krr_iterations is not None:
+        krr = krr.override([f"distill.iterations={args.krr_iterations}"])
+    times["krr-st"] = _run(krr, out / "krr-st", "krr-st", stages=["teacher", "targets", "init", "distill"])
+
+    cfg = base.override([f"eval.seeds={args.seeds}"])
+    ec = cfg.eval
+    ec.baselines = BASELINES + ([f"full:{args.weak_teacher}"] if args.weak_teacher else [])
+    ec.downstream = [d for d in args.downstream.split(",") if d]
+    ec.label_fractions = [float(f) for f in args.label_fractions.split(",")]
+    ec.extra_models = [parse_arch(args.cross_arch, cfg.student)] if args.cross_arch else []
+    ctx = prepare_run(cfg, out / "mkdt", progress=False)
+    t0 = time.perf_counter()
+    with run_log(ctx):
+        result = evaluate_run(ctx, compare=[out / "mkdt-random", out / "krr-st"])
+    times["evaluate"] = {"total": time.perf_counter() - t0}
+
+    table = format_table(result)
+    enc = result["summary"][0]["encoder"]
+    sets = {s["set"] for s in result["summary"]}
+    low = next(s for s in sets if s.startswith("random subset"))
+    high = next(s for s in sets if s.startswith("full-data KD") and "teacher" not in s)
+    lines = [f"Window closed = (set - random) / (full KD - random), encoder {enc}:", "",
+             "| set | " + " | ".join(PRIMARY) + " |", "|---" * (len(PRIMARY) + 1) + "|"]
+    closed = {m: window_closed(result["summary"], enc, m, low, high) for m in PRIMARY}
+    for s in dict.fromkeys(x["set"] for x in result["summary"]):
+        if s.startswith(("MKDT", "KRR-ST", "high-loss", "init")):
+            lines.append(f"| {s} | " + " | ".join(f"{closed[m][s]:+.2f}" if s in closed[m] else "-"
+                                                  for m in PRIMARY) + " |")
+    stage_lines = [f"- {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
+                   for name, t in times.items()]
+    header = (f"# Quality benchmark: preset {args.preset}, {args.seeds} seeds\n\n"
+              f"Machine: {platform.processor() or platform.machine()}, torch {torch.__version__}, "
+              f"{torch.get_num_threads()} threads; total {(time.perf_counter() - t_all) / 60:.1f} min.\n\n"
+              f"Protocol: {json.dumps(result['protocol'])}\n")
+    text = "\n".join([header, table, "\n".join(lines), "", "Wall times:", *stage_lines, ""])
+    print(text)
+    if args.results is not None:
+        args.results.parent.mkdir(parents=True, exist_ok=True)
+        args.results.with_suffix(".md").write_text(text)
+        shutil.copyfile(out / "mkdt" / PLOT_FILE, args.results.with_suffix(".png"))
+        shutil.copyfile(out / "mkdt" / "results.json", args.results.with_suffix(".json"))
+
+
+if __name__ == "__main__":
+    main()

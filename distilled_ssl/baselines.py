@@ -1,0 +1,123 @@
+"""The pre-training sets a distilled set is measured against (MKDT.md stage 6).
+
+Names (``eval.baselines``):
+
+* ``none`` — no pre-training: a random-init encoder (batch-norm statistics re-estimated on real images);
+* ``random`` — a random real subset of the distilled set's size, with teacher reps (fresh per seed);
+* ``init`` — the run's own initial subset (what stage 5 started from);
+* ``high_loss`` / ``high_loss_balanced`` — the top-k highest-loss images, plain / k/C per class;
+* ``full`` — every source image with teacher reps (the upper reference; ``eval.full_epochs``);
+* ``full:TEACHER`` — the same with another teacher's reps (``builtin:NAME`` or a teacher file);
+* ``teacher`` — the teacher's own representation, probed directly (the ceiling).
+
+Other distilled sets (a KRR-ST run, MKDT from a random init, a downloaded set) are compared by
+path (``compare``), not by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from .context import RunContext
+from .data import normalize
+from .evaluate import PretrainSet
+from .initial_set import INIT_FILE, high_loss_scores, load_init, top_k
+from .io import ArtifactError, load_tensors
+from .probe import extract
+from .targets import load_targets
+from .teacher import load_teacher, resolve_weights
+
+BASELINES = ("none", "random", "init", "high_loss", "high_loss_balanced", "full", "teacher")
+DEFAULT_BASELINES = ("none", "random", "init")
+
+
+def check_baselines(names: Iterable[str]) -> None:
+    """Raise ValueError on an unknown baseline name."""
+    for name in names:
+        if name in BASELINES or (name.startswith("full:") and len(name) > 5):
+            continue
+        raise ValueError(f"unknown baseline {name!r}; known: {', '.join(BASELINES)}, full:TEACHER")
+
+
+def init_label(method: str, class_balanced: bool) -> str:
+    """'high_loss', True → 'high-loss init, class-balanced'."""
+    text = f"{method.replace('_', '-')} init"
+    return text + (", class-balanced" if class_balanced else "")
+
+
+@dataclass
+class Baselines:
+    """Builds baseline pre-training sets of ``k`` images for a run (caches what seeds share)."""
+
+    ctx: RunContext
+    k: int
+
+    def __post_init__(self) -> None:
+        self._scores: torch.Tensor | None = None
+        self._reps: dict[str, torch.Tensor] = {}
+
+    def title(self, name: str) -> str:
+        """The row label of a baseline."""
+        ic = self.ctx.cfg.init
+        n = len(self.ctx.train_set)
+        return {
+            "none": "none (random init)",
+            "random": f"random subset ({self.k:,})",
+            "init": f"init subset ({init_label(ic.method, ic.class_balanced)})",
+            "high_loss": f"high-loss subset ({self.k:,})",
+            "high_loss_balanced": f"high-loss subset, class-balanced ({self.k:,})",
+            "full": f"full-data KD ({n:,})",
+            "teacher": "teacher (ceiling)",
+        }.get(name) or f"full-data KD ({n:,}), teacher {name.split(':', 1)[1]}"
+
+    def pretrain_set(self, name: str, seed: int) -> PretrainSet:
+        """The images, reps and lr of a KD baseline (not ``none``/``teacher``) for one seed."""
+        ctx, data = self.ctx, self.ctx.train_set
+        lr = ctx.cfg.distill.lr_init
+        if name == "random":
+            index = torch.randperm(len(data), generator=ctx.generator("eval", "random", seed))[:self.k]
+        elif name == "init":
+            index = load_init(ctx)
+        elif name in ("high_loss", "high_loss_balanced"):
+            labels = data.labels if name == "high_loss_balanced" else None
+            if name == "high_loss_balanced" and labels is None:
+                raise ValueError("baseline high_loss_balanced needs a labelled source")
+            index = top_k(self._high_loss_scores(), self.k, labels)
+        elif name == "full" or name.startswith("full:"):
+            reps = self._teacher_reps(name.split(":", 1)[1]) if ":" in name else load_targets(ctx)
+            return PretrainSet(self.title(name), normalize(data.images, data.mean, data.std), reps,
+                               ctx.cfg.experts.lr, epochs=ctx.cfg.eval.full_epochs)
+        else:
+            raise ValueError(f"{name!r} is not a KD baseline")
+        return PretrainSet(self.title(name), normalize(data.images[index], data.mean, data.std),
+                           load_targets(ctx)[index], lr)
+
+    def _high_loss_scores(self) -> torch.Tensor:
+        if self._scores is None:
+            ic = self.ctx.cfg.init
+            path = self.ctx.path(INIT_FILE)
+            scores = None
+            if ic.method == "high_loss" and path.exists():
+                try:  # the init stage stored every example's score
+                    scores = load_tensors(path, ["scores"])[0]["scores"]
+                except ArtifactError:
+                    scores = None
+            if scores is None or len(scores) != len(self.ctx.train_set):
+                scores = high_loss_scores(self.ctx)
+            self._scores = scores
+        return self._scores
+
+    def _teacher_reps(self, spec: str) -> torch.Tensor:
+        """Representations of every source image under another teacher."""
+        if spec not in self._reps:
+            data = self.ctx.train_set
+            c, h, _ = data.shape
+            teacher, meta = load_teacher(resolve_weights(spec), in_channels=c, image_size=h,
+                                         device=self.ctx.device)
+            with torch.inference_mode():
+                self._reps[spec] = extract(teacher.features, data.images, tuple(meta["mean"]),
+                                           tuple(meta["std"]), device=str(self.ctx.device))
+        return self._reps[spec]
