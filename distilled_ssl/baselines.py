@@ -57,7 +57,7 @@ class Baselines:
 
     def __post_init__(self) -> None:
         self._scores: torch.Tensor | None = None
-        self._reps: dict[str, torch.Tensor] = {}
+        self._reps: dict[str, torch.Tensor] = {}  # teacher spec ("" = the run's) → reps of every image
 
     def title(self, name: str) -> str:
         """The row label of a baseline."""
@@ -87,13 +87,13 @@ class Baselines:
                 raise ValueError("baseline high_loss_balanced needs a labelled source")
             index = top_k(self._high_loss_scores(), self.k, labels)
         elif name == "full" or name.startswith("full:"):
-            reps = self._teacher_reps(name.split(":", 1)[1]) if ":" in name else load_targets(ctx)
+            reps = self._teacher_reps(name.split(":", 1)[1]) if ":" in name else self._teacher_reps("")
             return PretrainSet(self.title(name), normalize(data.images, data.mean, data.std), reps,
                                ctx.cfg.experts.lr, epochs=ctx.cfg.eval.full_epochs)
         else:
             raise ValueError(f"{name!r} is not a KD baseline")
         return PretrainSet(self.title(name), normalize(data.images[index], data.mean, data.std),
-                           load_targets(ctx)[index], lr)
+                           self._teacher_reps("")[index], lr)
 
     def _high_loss_scores(self) -> torch.Tensor:
         if self._scores is None:
@@ -111,7 +111,9 @@ class Baselines:
         return self._scores
 
     def _teacher_reps(self, spec: str) -> torch.Tensor:
-        """Representations of every source image under another teacher."""
+        """Representations of every source image: the run's target reps ("") or another teacher's."""
+        if spec == "" and spec not in self._reps:
+            self._reps[spec] = load_targets(self.ctx)
         if spec not in self._reps:
             data = self.ctx.train_set
             c, h, _ = data.shape

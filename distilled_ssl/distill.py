@@ -98,7 +98,7 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
     matcher = MATCHERS[d.mode]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
-    t0, window = time.perf_counter(), []
+    progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, d.iterations):
         ef = _expert_for(ctx, experts, it)
         g = ctx.generator("distill", it)
@@ -119,16 +119,13 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
                 params[name].sub_(lrs[name] * moms[name])
             lr.clamp_(min=1e-8)
         history.append(loss)
-        window.append(loss)
-        bar.update(1)
         done = it + 1
-        if done % d.log_every == 0 or done == d.iterations:
-            sec = (time.perf_counter() - t0) / len(window)
+        report = progress.record(done, loss)
+        if report is not None:
+            mean, sec, eta = report
             ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
-                         done, d.iterations, statistics.fmean(window), s, float(lr), sec,
-                         _eta(sec * (d.iterations - done)))
-            bar.set_postfix(loss=f"{statistics.fmean(window):.4f}", lr=f"{float(lr):.3g}")
-            t0, window = time.perf_counter(), []
+                         done, d.iterations, mean, s, float(lr), sec, eta)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
         if done % d.checkpoint_every == 0 or done == d.iterations:
             _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
                         {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp})
@@ -157,6 +154,25 @@ def _clip(grad: torch.Tensor, name: str, norms: dict[str, float], factor: float 
         norm = factor * ref
     norms[name] = norm if ref is None else 0.9 * ref + 0.1 * norm
     return grad
+
+
+class IterationLog:
+    """Loss and seconds per iteration over each ``every`` iterations, for the stage-5 loops."""
+
+    def __init__(self, total: int, every: int, bar: Any) -> None:
+        self.total, self.every, self.bar = total, every, bar
+        self.t0, self.window = time.perf_counter(), []
+
+    def record(self, done: int, loss: float) -> tuple[float, float, str] | None:
+        """Count iteration ``done`` (1-based); on a log step return (mean loss, s/it, ETA)."""
+        self.window.append(loss)
+        self.bar.update(1)
+        if done % self.every and done != self.total:
+            return None
+        sec = (time.perf_counter() - self.t0) / len(self.window)
+        report = statistics.fmean(self.window), sec, _eta(sec * (self.total - done))
+        self.t0, self.window = time.perf_counter(), []
+        return report
 
 
 def _eta(seconds: float) -> str:

@@ -31,7 +31,6 @@ The output has MKDT's format (``distilled.safetensors``, ``distilled.png``) with
 from __future__ import annotations
 
 import math
-import statistics
 import time
 from pathlib import Path
 from typing import Any
@@ -44,7 +43,7 @@ from .data import normalize
 from .distill import (
     DISTILLED_FILE,
     STATE_FILE,
-    _eta,
+    IterationLog,
     _initial_state,
     _mean,
     _write_distilled,
@@ -243,7 +242,7 @@ def run_krr_st(ctx: RunContext, *, force: bool = False) -> Path:
     reps_dev = reps.to(dev)
     real = _RealBatches(ctx, n, batch)
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill (krr_st)")
-    t0, window = time.perf_counter(), []
+    progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, d.iterations):
         slot = int(torch.randint(kc.pool_size, (1,), generator=ctx.generator(TAG, "pick", it)))
         idx = real.indices(it)
@@ -261,16 +260,13 @@ def run_krr_st(ctx: RunContext, *, force: bool = False) -> Path:
         opt.zero_grad(set_to_none=True)
         pool.update(slot, images.detach(), targets.detach(), it)
         history.append(loss)
-        window.append(loss)
-        bar.update(1)
         done = it + 1
-        if done % d.log_every == 0 or done == d.iterations:
-            sec = (time.perf_counter() - t0) / len(window)
+        report = progress.record(done, loss)
+        if report is not None:
+            mean, sec, eta = report
             ctx.log.info("distill %d/%d: KRR loss %.4f, outer lr %.3g, %.2f s/it, ETA %s", done,
-                         d.iterations, statistics.fmean(window), kc.lr * (1 - it / d.iterations), sec,
-                         _eta(sec * (d.iterations - done)))
-            bar.set_postfix(loss=f"{statistics.fmean(window):.4f}")
-            t0, window = time.perf_counter(), []
+                         d.iterations, mean, kc.lr * (1 - it / d.iterations), sec, eta)
+            bar.set_postfix(loss=f"{mean:.4f}")
         if done % d.checkpoint_every == 0 or done == d.iterations:
             _save(ctx, images, targets, opt, pool, {"iteration": done, "history": history,
                                                      "fingerprint": fp, "method": TAG})
