@@ -4,7 +4,8 @@ Runs (or reuses, when finished) three distillations in sibling run directories t
 teacher, target reps and experts (hard links, so no stage runs twice):
 
 * ``OUT/mkdt``         — the preset as shipped (MKDT, its own init);
-* ``OUT/mkdt-random``  — MKDT from a plain random init (the paper's ablation);
+* ``OUT/mkdt-random``  — MKDT from a plain random init (``OUT/mkdt-high-loss``, from the
+  class-balanced high-loss init, when the preset's init is random): the paper reports both;
 * ``OUT/krr-st``       — KRR-ST from a plain random init (``distill.method=krr_st``);
 
 then ``evaluate_run`` on ``OUT/mkdt`` with every baseline and the two other sets, and prints /
@@ -29,14 +30,14 @@ import torch
 
 from distilled_ssl.config import load_preset
 from distilled_ssl.pipeline import prepare_run, run_log, run_pipeline
-from distilled_ssl.report import PLOT_FILE, evaluate_run, format_table
+from distilled_ssl.report import PLOT_FILE, evaluate_run, format_table, window_closed
 
 SHARED = ("teacher.safetensors", "targets.safetensors", "experts")
 BASELINES = ["none", "random", "high_loss", "high_loss_balanced", "full", "teacher"]
 PRIMARY = ("fidelity_r2", "fashion-mnist/probe@1%", "mnist-5k/probe@10%")
 
 
-def _link_shared(src: Path, dst: Path) -> None:
+def link_shared(src: Path, dst: Path) -> None:
     """Hard-link the shared artifacts of ``src`` into ``dst`` (copy when links are impossible)."""
     dst.mkdir(parents=True, exist_ok=True)
     for name in SHARED:
@@ -65,15 +66,6 @@ def _run(cfg: Any, out: Path, name: str, stages: list[str] | None = None) -> dic
     return times
 
 
-def window_closed(summary: list[dict[str, Any]], encoder: str, metric: str, low: str, high: str
-                  ) -> dict[str, float]:
-    """For each set: (set - low) / (high - low) on ``metric`` (means over seeds)."""
-    by = {s["set"]: s[metric]["mean"] for s in summary if s["encoder"] == encoder and metric in s}
-    if low not in by or high not in by or by[high] == by[low]:
-        return {}
-    return {name: (v - by[low]) / (by[high] - by[low]) for name, v in by.items()}
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", type=Path, required=True)
@@ -99,9 +91,13 @@ def main() -> None:
     t_all = time.perf_counter()
     times = {"mkdt": _run(base, out / "mkdt", "mkdt")}
     random_init = ["init.method=random", "init.class_balanced=false"]
-    _link_shared(out / "mkdt", out / "mkdt-random")
-    times["mkdt-random"] = _run(base.override(random_init), out / "mkdt-random", "mkdt-random")
-    _link_shared(out / "mkdt", out / "krr-st")
+    # MKDT from the other init (the paper reports random and high-loss init)
+    other_init = (["init.method=high_loss", "init.class_balanced=true"]
+                  if base.init.method == "random" else random_init)
+    sibling = "mkdt-high-loss" if base.init.method == "random" else "mkdt-random"
+    link_shared(out / "mkdt", out / sibling)
+    times[sibling] = _run(base.override(other_init), out / sibling, sibling)
+    link_shared(out / "mkdt", out / "krr-st")
     krr = base.override([*random_init, "distill.method=krr_st"])
     if args.krr_iterations is not None:
         krr = krr.override([f"distill.iterations={args.krr_iterations}"])
@@ -116,7 +112,7 @@ def main() -> None:
     ctx = prepare_run(cfg, out / "mkdt", progress=False)
     t0 = time.perf_counter()
     with run_log(ctx):
-        result = evaluate_run(ctx, compare=[out / "mkdt-random", out / "krr-st"])
+        result = evaluate_run(ctx, compare=[out / sibling, out / "krr-st"])
     times["evaluate"] = {"total": time.perf_counter() - t0}
 
     table = format_table(result)

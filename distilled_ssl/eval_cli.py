@@ -35,7 +35,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 def _overrides(baselines: str | None, downstream: str | None, fractions: str | None,
                seeds: int | None, epochs: int | None, full_epochs: int | None, knn_k: int | None,
-               finetune_epochs: int | None) -> dict[str, Any]:
+               finetune_epochs: int | None, split: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if baselines is not None:
         out["baselines"] = _csv(baselines)
@@ -47,7 +47,7 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
         except ValueError as exc:
             raise ConfigError(f"--label-fractions {fractions!r}: {exc}") from exc
     for key, value in (("seeds", seeds), ("epochs", epochs), ("full_epochs", full_epochs),
-                       ("knn_k", knn_k), ("finetune_epochs", finetune_epochs)):
+                       ("knn_k", knn_k), ("finetune_epochs", finetune_epochs), ("split", split)):
         if value is not None:
             out[key] = value
     return out
@@ -74,6 +74,9 @@ def register(main: click.Group, user_errors: Callable[..., Any],
     @click.option("--full-epochs", type=int, help="KD pre-training epochs of the full-data baseline.")
     @click.option("--knn-k", type=int, help="k of the kNN classifier (0 = no kNN).")
     @click.option("--finetune-epochs", type=int, help="Also fine-tune for this many epochs.")
+    @click.option("--split", type=click.Choice(["test", "validation"]),
+                  help="Measure on test splits, or (for tuning) on the run's source.holdout images "
+                  "and a share of each other downstream set's train split.")
     @click.option("--out", type=click.Path(file_okay=False, path_type=Path),
                   help="Where results go (default: the run directory; required for a set folder).")
     @click.option("--device", help="cpu, cuda, cuda:N.")
@@ -82,7 +85,7 @@ def register(main: click.Group, user_errors: Callable[..., Any],
     def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
                  fractions: str | None, seeds: int | None, archs: tuple[str, ...],
                  compare: tuple[Path, ...], epochs: int | None, full_epochs: int | None,
-                 knn_k: int | None, finetune_epochs: int | None, out: Path | None,
+                 knn_k: int | None, finetune_epochs: int | None, split: str | None, out: Path | None,
                  device: str | None, quiet: bool) -> None:
         """Pre-train fresh encoders on a distilled set and its baselines; probe downstream sets.
 
@@ -106,7 +109,7 @@ def register(main: click.Group, user_errors: Callable[..., Any],
         else:
             raise ConfigError(f"{run_or_set} is neither a run directory (config.yaml) nor a set folder")
         for key, value in _overrides(baselines, downstream, fractions, seeds, epochs, full_epochs,
-                                     knn_k, finetune_epochs).items():
+                                     knn_k, finetune_epochs, split).items():
             setattr(cfg.eval, key, value)
         if archs:
             models = [parse_arch(a, cfg.student) for a in archs]
@@ -114,9 +117,11 @@ def register(main: click.Group, user_errors: Callable[..., Any],
         if device:
             cfg.device = device
         cfg.validate()
-        ctx = RunContext(cfg, out or run_or_set, progress=not quiet and sys.stderr.isatty())
+        # A run is read in place (its teacher, reps, init); results go to --out when given.
+        ctx = RunContext(cfg, run_or_set if own is None else out, progress=not quiet and sys.stderr.isatty())
+        out_dir = out or run_or_set
         with run_log(ctx):
-            result = evaluate_run(ctx, compare=compare, own=own)
+            result = evaluate_run(ctx, compare=compare, own=own, out=out_dir)
         click.echo(format_table(result))
-        click.echo(f"results: {ctx.path('results.json')}, {ctx.path(TABLE_FILE)}, "
-                   f"{ctx.path(PLOT_FILE)}")
+        click.echo(f"results: {out_dir / 'results.json'}, {out_dir / TABLE_FILE}, "
+                   f"{out_dir / PLOT_FILE}")

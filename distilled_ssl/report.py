@@ -25,7 +25,7 @@ from .config import ModelConfig
 from .context import RunContext
 from .data import DataNotFoundError
 from .distill import DISTILLED_FILE
-from .downstream import Downstream, load_downstream, parse_names
+from .downstream import Downstream, display_name, load_downstream, parse_names, validation_split
 from .evaluate import PretrainSet, downstream_metrics, pretrain_kd, recompute_bn_stats, teacher_fidelity
 from .io import atomic_path
 from .probe import extract
@@ -72,20 +72,34 @@ def _as_pretrain(dset: DistilledSet, title: str, shape: tuple[int, int, int]) ->
 
 
 def _downstream_sets(ctx: RunContext) -> list[Downstream]:
-    names = ctx.cfg.eval.downstream
+    """The labelled sets to probe. ``eval.split=validation``: the source's own set becomes (its
+    training images, the held-out ones); any other set is probed on a share of its train split."""
+    ec = ctx.cfg.eval
+    validation = ec.split == "validation"
+    names = ec.downstream
     if not names:  # default: the source itself, when it has labels and a test split
-        test = ctx.test_set
+        test = ctx.validation_set if validation else ctx.test_set
         labelled = ctx.train_set.labels is not None and test is not None and test.labels is not None
         names = [ctx.cfg.source.name] if labelled else []
     out = []
     for name, optional in parse_names(names):
+        is_source = name == ctx.cfg.source.name
+        if validation and is_source:
+            held = ctx.validation_set
+            assert held is not None
+            if ctx.train_set.labels is None or held.labels is None:
+                raise ValueError(f"downstream set {name}: the source has no labels")
+            out.append(Downstream(display_name(name), ctx.train_set, held))
+            continue
         try:
-            out.append(load_downstream(name, ctx.train_set, root=ctx.cfg.source.root
-                                       if name == ctx.cfg.source.name else None))
+            ds = load_downstream(name, ctx.train_set, root=ctx.cfg.source.root if is_source else None)
         except (DataNotFoundError, FileNotFoundError) as exc:
             if not optional:
                 raise
             ctx.log.info("eval: downstream set %s skipped: %s", name, exc)
+            continue
+        out.append(validation_split(ds, ec.validation_fraction, ctx.seed_for("eval", "split", name))
+                   if validation else ds)
     return out
 
 
@@ -93,13 +107,15 @@ NEEDS_TEACHER = ("random", "init", "high_loss", "high_loss_balanced", "full", "t
 
 
 def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
-                 own: DistilledSet | None = None) -> dict[str, Any]:
-    """Evaluate the run's distilled set against ``eval.baselines`` and the ``compare`` sets.
+                 own: DistilledSet | None = None, out: str | os.PathLike | None = None
+                 ) -> dict[str, Any]:
+    """Evaluate the run's distilled set against ``eval.baselines`` and the ``compare`` sets; write
+    the results into ``out`` (default: the run directory).
 
     ``own`` evaluates a set without its run (e.g. one pulled from the Hub): there is no teacher
     then, so no fidelity and only the ``none`` baseline."""
     ec, cfg = ctx.cfg.eval, ctx.cfg
-    data, test = ctx.train_set, ctx.test_set
+    data, test = ctx.train_set, ctx.eval_set
     dev = str(ctx.device)
     has_run = own is None
     if own is None:
@@ -181,7 +197,8 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
         "protocol": {"encoders": [{"arch": m.arch, "kwargs": m.kwargs} for m in encoders],
                      "epochs": ec.epochs, "full_epochs": ec.full_epochs, "seeds": ec.seeds,
                      "label_fractions": ec.label_fractions, "knn_k": ec.knn_k,
-                     "finetune_epochs": ec.finetune_epochs,
+                     "finetune_epochs": ec.finetune_epochs, "split": ec.split,
+                     "holdout": cfg.source.holdout,
                      "downstream": [d.name for d in downstream],
                      "teacher_probe_accuracy": tmeta.get("probe_accuracy")},
         "distilled": {"method": own.metadata.get("method", "mkdt"), "lr": own.lr,
@@ -189,7 +206,9 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
                       "loss": own.metadata.get("matching_loss") or own.metadata.get("krr_loss")},
         "rows": rows, "summary": summarize(rows),
     }
-    write_results(ctx.run_dir, result)
+    out_dir = ctx.run_dir if out is None else Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_results(out_dir, result)
     return result
 
 
@@ -210,6 +229,16 @@ def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
                               "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
         out.append(entry)
     return out
+
+
+def window_closed(summary: list[dict[str, Any]], encoder: str, metric: str, low: str, high: str
+                  ) -> dict[str, float]:
+    """Per set: (set - low) / (high - low) on ``metric``, means over seeds (e.g. low = the random
+    subset, high = full-data KD); {} when either reference is missing or they tie."""
+    by = {s["set"]: s[metric]["mean"] for s in summary if s["encoder"] == encoder and metric in s}
+    if low not in by or high not in by or by[high] == by[low]:
+        return {}
+    return {name: (v - by[low]) / (by[high] - by[low]) for name, v in by.items()}
 
 
 def metric_columns(summary: list[dict[str, Any]]) -> list[str]:
@@ -237,7 +266,9 @@ def format_table(result: dict[str, Any]) -> str:
     out = []
     for enc in dict.fromkeys(s["encoder"] for s in summary):
         seeds = result["protocol"]["seeds"]
-        out.append(f"Encoder {enc}, {seeds} seed{'s' if seeds > 1 else ''}:\n")
+        split = result["protocol"].get("split", "test")
+        where = " (validation split)" if split == "validation" else ""
+        out.append(f"Encoder {enc}, {seeds} seed{'s' if seeds > 1 else ''}{where}:\n")
         out.append("| pre-training set | " + " | ".join(names.get(c, c) for c in cols) + " |")
         out.append("|---" * (len(cols) + 1) + "|")
         for s in summary:
@@ -259,6 +290,7 @@ def write_results(run_dir: Path, result: dict[str, Any]) -> None:
 def plot_results(result: dict[str, Any], path: Path) -> None:
     """One panel per metric (and encoder): a bar per pre-training set, whiskers = std."""
     summary = result["summary"]
+    split = result["protocol"].get("split", "test")
     panels = []
     encoders = list(dict.fromkeys(s["encoder"] for s in summary))
     for enc in encoders:
@@ -269,7 +301,7 @@ def plot_results(result: dict[str, Any], path: Path) -> None:
             bars = [(s["set"], scale * s[col]["mean"], scale * s[col]["std"]) for s in summary
                     if s["encoder"] == enc and col in s and math.isfinite(s[col]["mean"])]
             if bars:
-                title = col.replace("fidelity_r2", "teacher fidelity R^2 (source test)")
+                title = col.replace("fidelity_r2", f"teacher fidelity R^2 (source {split})")
                 title += " (accuracy %)" if scale != 1.0 else ''
                 panels.append((title + (f", encoder {enc}" if len(encoders) > 1 else ""), bars))
     save_bar_panels(path, panels)

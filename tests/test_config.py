@@ -24,6 +24,11 @@ def test_overrides_parse_values_and_reject_unknown_keys() -> None:
         RunConfig().override(["distill.iterations"])
     with pytest.raises(ConfigError, match="distill.iterations must be an integer"):
         RunConfig().override(["distill.iterations=many"])
+    # YAML 1.1 leaves "3e4" (no dot) a string; float fields still take it
+    cfg = RunConfig().override(["distill.lr_img=3e4", "distill.lr_lr=-1E-5"])
+    assert cfg.distill.lr_img == 30000.0 and cfg.distill.lr_lr == -1e-5
+    with pytest.raises(ConfigError, match="distill.lr_img must be a number"):
+        RunConfig().override(["distill.lr_img=3e4x"])
 
 
 @pytest.mark.parametrize("override, message", [
