@@ -35,7 +35,6 @@ DEFAULT_VARIANTS = {
     "random-lr_img-3e4": f"{RANDOM_INIT},distill.lr_img=3e4",
     "random-lr_targets-10": f"{RANDOM_INIT},distill.lr_targets=10",
     "random-syn_steps-10": f"{RANDOM_INIT},distill.syn_steps=10,distill.iterations=280",
-    "random-expert_epochs-0.4": f"{RANDOM_INIT},distill.expert_epochs=0.4",
     "random-iterations-200": f"{RANDOM_INIT},distill.iterations=200",
 }
 
@@ -63,6 +62,8 @@ def main() -> None:
     ap.add_argument("--cross-arch", default="student")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     ap.add_argument("--results", type=Path, default=None, help="Write NAME.md / NAME.json here too.")
+    ap.add_argument("--report-only", action="store_true",
+                    help="Re-render the table from OUT/<first variant>/results.json (no evaluation).")
     args = ap.parse_args()
 
     from distilled_ssl.eval_cli import parse_arch
@@ -72,19 +73,31 @@ def main() -> None:
     t_all = time.perf_counter()
     shared = args.out / "base"
     threads = torch.get_num_threads()
-    _distil(base.to_dict(), str(shared), "base", threads, ("teacher", "targets", "experts"))
     cfgs = {name: base.override([o for o in spec.split(",") if o]) for name, spec in variants.items()}
+    # The shared experts train as far as the most demanding variant reads (longer ones serve all).
+    longest = max(cfgs.values(), key=lambda c: max(c.distill.max_start_epoch + c.distill.expert_epochs,
+                                                   c.init.loss_epoch))
+    if not args.report_only:
+        _distil(longest.to_dict(), str(shared), "base", threads, ("teacher", "targets", "experts"))
     for name in cfgs:
         link_shared(shared, args.out / name)
     times: dict[str, dict[str, float]] = {}
+    failed: dict[str, str] = {}
     per_job = max(1, threads // args.jobs)
     with ProcessPoolExecutor(args.jobs, mp_context=get_context("spawn")) as pool:
-        futures = [pool.submit(_distil, cfg.to_dict(), str(args.out / name), name, per_job)
-                   for name, cfg in cfgs.items()]
-        for f in futures:
-            name, t = f.result()
-            times[name] = t
-            print(f"[{name}] " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()), flush=True)
+        futures = {name: pool.submit(_distil, cfg.to_dict(), str(args.out / name), name, per_job)
+                   for name, cfg in cfgs.items() if not args.report_only}
+        for name, f in futures.items():
+            try:
+                times[name] = f.result()[1]
+            except Exception as exc:  # report the variant as failed, evaluate the others
+                failed[name] = f"{type(exc).__name__}: {exc}"
+                print(f"[{name}] FAILED: {failed[name]}", flush=True)
+                continue
+            print(f"[{name}] " + ", ".join(f"{k} {v:.0f} s" for k, v in times[name].items()), flush=True)
+    cfgs = {n: c for n, c in cfgs.items() if n not in failed}
+    if not cfgs:
+        raise SystemExit("every variant failed")
 
     first, *others = cfgs
     cfg = cfgs[first].override([f"eval.seeds={args.seeds}", "eval.split=validation"])
@@ -93,21 +106,24 @@ def main() -> None:
     ec.downstream = [d for d in args.downstream.split(",") if d]
     ec.label_fractions = [float(f) for f in args.label_fractions.split(",")]
     ec.extra_models = [parse_arch(args.cross_arch, cfg.student)] if args.cross_arch else []
-    ctx = prepare_run(cfg, args.out / first, progress=False)
-    with run_log(ctx):
-        result = evaluate_run(ctx, compare=[args.out / n for n in others])
+    results_file = args.out / first / "results.json"
+    if args.report_only:
+        result = json.loads(results_file.read_text())
+    else:
+        ctx = prepare_run(cfg, args.out / first, progress=False)
+        with run_log(ctx):
+            result = evaluate_run(ctx, compare=[args.out / n for n in others])
 
-    # Rows are titled by method and init; name them by variant instead.
-    titles = {s["set"] for s in result["summary"]}
-    rename = {}
-    for name in cfgs:
-        hit = [t for t in titles if t.endswith(f"[{name}]")]
-        if hit:
-            rename[hit[0]] = name
-    own_title = next(t for t in titles if t.startswith(("MKDT", "KRR-ST")) and "[" not in t)
-    rename[own_title] = first
+    # Rows are titled by method and init; name them by variant instead. Per encoder the sets come
+    # in evaluation order: the baselines, the evaluated run's own set, then the compared ones.
+    order = list(dict.fromkeys(s["set"] for s in result["summary"]))
+    titles = order[len(ec.baselines):]
+    if len(titles) != len(cfgs):
+        raise SystemExit(f"{results_file}: {len(titles)} distilled sets for {len(cfgs)} variants")
+    rename = dict(zip(titles, cfgs, strict=True))
     for row in (*result["summary"], *result["rows"]):
         row["set"] = rename.get(row["set"], row["set"])
+    titles = set(order)
     table = format_table(result)
     encoders = list(dict.fromkeys(s["encoder"] for s in result["summary"]))
     low = next(t for t in titles if t.startswith("random subset"))
@@ -121,6 +137,9 @@ def main() -> None:
                   + " | ".join(f"{closed[m][n]:+.2f}" if n in closed[m] else "-" for m in PRIMARY) + " |"
                   for n in cfgs]
     wall = [f"- {n}: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items()) for n, t in times.items()]
+    wall += [f"- {n}: FAILED ({err})" for n, err in failed.items()]
+    if args.report_only:
+        wall = ["- (table re-rendered with --report-only; each variant's run.log has its stage times)"]
     text = "\n".join([
         f"# Validation sweep: preset {args.preset}, {args.holdout} held-out training images, "
         f"{args.seeds} seeds\n",

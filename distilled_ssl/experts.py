@@ -66,7 +66,8 @@ def student_for(ctx: RunContext, output_dim: int) -> Encoder:
                        **ctx.cfg.student.kwargs)
 
 
-def experts_fingerprint(ctx: RunContext) -> str:
+def experts_fingerprint(ctx: RunContext, count: int | None = None) -> str:
+    """The experts' fingerprint; ``count`` = the trajectory length (default: what the config needs)."""
     tpath = ctx.path(TARGETS_FILE)
     if not tpath.exists():
         raise ArtifactError(f"{tpath} is missing: run the targets stage first")
@@ -75,7 +76,27 @@ def experts_fingerprint(ctx: RunContext) -> str:
     return combine(read_metadata(tpath)["fingerprint"], "experts", str(cfg.seed),
                    cfg.section_hash("student", "experts.epochs", "experts.batch_size", "experts.lr",
                                     "experts.momentum", "experts.weight_decay"),
-                   f"{sched.every}:{sched.count}")
+                   f"{sched.every}:{sched.count if count is None else count}")
+
+
+def check_expert(ctx: RunContext, path: Path, meta: dict[str, Any], fp: str) -> None:
+    """Raise unless the expert file fits the config: same training, and a trajectory at least as
+    long as distillation reads (a longer one, made for a later start or span, is reused)."""
+    if meta.get("fingerprint") == fp:
+        return
+    n = int(meta.get("num_checkpoints", 0))
+    if n and meta.get("fingerprint") == experts_fingerprint(ctx, count=n):
+        sched = schedule_for(ctx)
+        if n >= sched.count:
+            return
+        stops = (n - 1) * sched.every / sched.steps_per_epoch
+        needs = (sched.count - 1) * sched.every / sched.steps_per_epoch
+        raise ArtifactError(
+            f"{path} stops at epoch {stops:.3g}; this configuration reads checkpoints up to epoch "
+            f"{needs:.3g} (distill.max_start_epoch + distill.expert_epochs, init.loss_epoch): re-run "
+            "the experts stage with --force, or use a new --out directory")
+    raise ArtifactError(f"{path} was made with a different configuration; re-run the experts stage "
+                        "with --force, or use a new --out directory")
 
 
 def expert_path(ctx: RunContext, k: int) -> Path:
@@ -95,10 +116,7 @@ def run_experts(ctx: RunContext, *, force: bool = False) -> list[Path]:
     for k in range(ctx.cfg.experts.num_experts):
         path = expert_path(ctx, k)
         if path.exists() and not force:
-            meta = read_metadata(path)
-            if meta.get("fingerprint") != fp:
-                raise ArtifactError(f"{path} was made with a different configuration; re-run with "
-                                    "--force or use a new --out directory")
+            check_expert(ctx, path, read_metadata(path), fp)
             done.append(path)
             continue
         with _ExpertLock(path.with_suffix(".lock")) as lock:
@@ -308,9 +326,7 @@ def list_experts(ctx: RunContext) -> list[ExpertFile]:
             missing.append(k)
             continue
         ef = ExpertFile.open(path)
-        if ef.meta.get("fingerprint") != fp:
-            raise ArtifactError(f"{path} was made with a different configuration; re-run the "
-                                "experts stage with --force")
+        check_expert(ctx, path, ef.meta, fp)
         files.append(ef)
     if missing:
         raise ArtifactError(f"experts {missing[:10]}{'...' if len(missing) > 10 else ''} are not "

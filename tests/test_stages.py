@@ -294,3 +294,19 @@ def test_unlabeled_source_runs_end_to_end(tiny_cfg: RunConfig, tmp_path: Path) -
     bad = prepare_run(cfg.override(["init.class_balanced=true"]), tmp_path / "bad", progress=False)
     with pytest.raises(ValueError, match="needs a labelled source"):
         run_pipeline(bad)
+
+
+def test_longer_experts_are_reused_and_shorter_ones_named(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    """Experts only train as far as distillation reads; a longer trajectory serves a shorter need."""
+    long_cfg = tiny_cfg.override(["distill.max_start_epoch=1.5", "experts.num_experts=1"])
+    ctx = prepare_run(long_cfg, tmp_path, progress=False)
+    run_pipeline(ctx, stages=["teacher", "targets", "experts"])
+    short = prepare_run(long_cfg.override(["distill.max_start_epoch=0.5"]), tmp_path, progress=False)
+    assert len(list_experts(short)) == 1  # reused as is
+    run_pipeline(short, stages=["init", "distill"])
+    other = tmp_path / "short"
+    short_only = prepare_run(long_cfg.override(["distill.max_start_epoch=0.5"]), other, progress=False)
+    run_pipeline(short_only, stages=["teacher", "targets", "experts"])
+    longer = prepare_run(long_cfg, other, progress=False)
+    with pytest.raises(ArtifactError, match=r"stops at epoch 1; .* up to epoch 2 "):
+        list_experts(longer)
