@@ -6,10 +6,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 
 from distilled_ssl.config import ModelConfig, RunConfig
 
 pytest_plugins = ["hub_fixtures"]  # loopback Hub server, socket guard, isolated HF_HOME
+
+
+def same_artifact(a: Path, b: Path) -> bool:
+    """Same tensors (bit for bit) and same metadata (safetensors may order its header freely)."""
+    from distilled_ssl.io import load_tensors
+
+    ta, ma = load_tensors(a)
+    tb, mb = load_tensors(b)
+    return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 def make_images(n: int, size: int = 16, classes: int = 4, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_artifact
 
 import distilled_ssl.krr_st as krr_mod
 from distilled_ssl.artifact import load_distilled_file
@@ -22,12 +23,6 @@ from distilled_ssl.pipeline import prepare_run, run_pipeline
 FAST = ["teacher.epochs=1"]  # any teacher will do here
 KRR = ["distill.method=krr_st", "distill.krr_st.pool_size=2", "distill.krr_st.real_batch=64",
        "distill.krr_st.model_steps=3", "distill.krr_st.lr=0.01"]
-
-
-def _same_artifact(a: Path, b: Path) -> bool:
-    ta, ma = load_tensors(a)
-    tb, mb = load_tensors(b)
-    return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 @pytest.fixture(scope="module")
@@ -203,7 +198,7 @@ def test_krr_st_resumes_bit_for_bit(tiny_cfg: RunConfig, upstream: Path, tmp_pat
         monkeypatch.setattr(krr_mod, "krr_loss", real_loss)
         run_distill(ctx)
         for name in ("distilled.safetensors", "distill_state.safetensors"):
-            assert _same_artifact(ctx.path(name), ref.path(name)), (die_at, name)
+            assert same_artifact(ctx.path(name), ref.path(name)), (die_at, name)
 
     # raising the iteration count continues from the saved state
     longer = _ctx(tiny_cfg, upstream, tmp_path / "cut5", [*over, "distill.iterations=8"])

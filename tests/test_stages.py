@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import same_artifact
 
 import distilled_ssl.distill as distill_mod
 import distilled_ssl.experts as experts_mod
@@ -18,13 +19,6 @@ from distilled_ssl.io import ArtifactError, load_tensors, read_metadata
 from distilled_ssl.pipeline import prepare_run, run_pipeline
 from distilled_ssl.targets import run_targets
 from distilled_ssl.teacher import run_teacher
-
-
-def _same_artifact(a: Path, b: Path) -> bool:
-    """Same tensors (bit for bit) and same metadata (safetensors may order its header freely)."""
-    ta, ma = load_tensors(a)
-    tb, mb = load_tensors(b)
-    return ma == mb and ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta)
 
 
 @pytest.fixture(scope="module")
@@ -138,10 +132,10 @@ def test_same_seed_same_artifacts(tiny_cfg: RunConfig, tmp_path: Path,
     run_pipeline(ctx)
     for name in ("teacher.safetensors", "targets.safetensors", "experts/expert_00001.safetensors",
                  "init.safetensors", "distilled.safetensors"):
-        assert _same_artifact(ctx.path(name), finished_run.path(name)), name
+        assert same_artifact(ctx.path(name), finished_run.path(name)), name
     other = prepare_run(tiny_cfg.override(["seed=1"]), tmp_path / "seed1", progress=False)
     run_pipeline(other, stages=["teacher"])
-    assert not _same_artifact(other.path("teacher.safetensors"), finished_run.path("teacher.safetensors"))
+    assert not same_artifact(other.path("teacher.safetensors"), finished_run.path("teacher.safetensors"))
 
 
 def _upto_experts(cfg: RunConfig, out: Path) -> RunContext:
