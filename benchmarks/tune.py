@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import time
 from concurrent.futures import ProcessPoolExecutor
@@ -152,7 +151,6 @@ def main() -> None:
         args.results.parent.mkdir(parents=True, exist_ok=True)
         args.results.with_suffix(".md").write_text(text)
         args.results.with_suffix(".json").write_text(json.dumps(result, indent=1))
-    os.sync()
 
 
 if __name__ == "__main__":

@@ -59,10 +59,11 @@ class RunContext:
                              f"{len(data)}); hold out fewer")
         # Seeded by the source alone (not the run seed): every run of a sweep validates on the
         # same images.
-        order = torch.randperm(len(data), generator=torch.Generator().manual_seed(
-            zlib.crc32(f"holdout:{s.name}:{s.subset}".encode()) & 0x7FFFFFFF))
-        held, kept = order[:s.holdout].sort().values, order[s.holdout:].sort().values
-        return data.subset(kept), data.subset(held)
+        held = seeded_subset(len(data), s.holdout,
+                             zlib.crc32(f"holdout:{s.name}:{s.subset}".encode()) & 0x7FFFFFFF)
+        kept = torch.ones(len(data), dtype=torch.bool)
+        kept[held] = False
+        return data.subset(kept.nonzero().flatten()), data.subset(held)
 
     @property
     def train_set(self) -> ImageSet:

@@ -35,7 +35,7 @@ def _csv(text: str | None) -> list[str] | None:
 
 def _overrides(baselines: str | None, downstream: str | None, fractions: str | None,
                seeds: int | None, epochs: int | None, full_epochs: int | None, knn_k: int | None,
-               finetune_epochs: int | None, split: str | None = None) -> dict[str, Any]:
+               finetune_epochs: int | None, split: str | None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if baselines is not None:
         out["baselines"] = _csv(baselines)

@@ -78,14 +78,14 @@ def _downstream_sets(ctx: RunContext) -> list[Downstream]:
     validation = ec.split == "validation"
     names = ec.downstream
     if not names:  # default: the source itself, when it has labels and a test split
-        test = ctx.validation_set if validation else ctx.test_set
+        test = ctx.eval_set
         labelled = ctx.train_set.labels is not None and test is not None and test.labels is not None
         names = [ctx.cfg.source.name] if labelled else []
     out = []
     for name, optional in parse_names(names):
         is_source = name == ctx.cfg.source.name
         if validation and is_source:
-            held = ctx.validation_set
+            held = ctx.eval_set
             assert held is not None
             if ctx.train_set.labels is None or held.labels is None:
                 raise ValueError(f"downstream set {name}: the source has no labels")
