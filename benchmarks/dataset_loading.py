@@ -21,9 +21,9 @@ from torch.utils.data import DataLoader, Subset
 from torchvision import transforms
 from torchvision.datasets import FashionMNIST
 
-from distilled_ssl.artifact import is_set_dir, write_set
-from distilled_ssl.dataset import DistilledDataset
 from distilled_ssl.io import save_tensors
+from distilled_ssl.sets.artifact import is_set_dir, write_set
+from distilled_ssl.sets.dataset import DistilledDataset
 
 K = 1200
 DEBIAN_FMNIST = Path("/usr/share/datasets/fashion-mnist")

@@ -23,7 +23,7 @@ import torch
 
 
 def _setup(args: argparse.Namespace):
-    from distilled_ssl.models import FlatParams, build_model
+    from distilled_ssl.models.encoders import FlatParams, build_model
 
     torch.manual_seed(0)
     model = build_model("convnet", in_channels=args.channels, image_size=args.size,
@@ -44,7 +44,8 @@ def _sync(device: str) -> None:
 
 def cell(args: argparse.Namespace) -> dict:
     """One (mode, syn_steps) measurement, in this process."""
-    from distilled_ssl.matching import MATCHERS, minibatches
+    from distilled_ssl.registry import MATCHERS
+    from distilled_ssl.stages.distill.matching import minibatches
 
     torch.set_num_threads(args.threads)
     _model, flat, theta0, target, images, reps = _setup(args)
@@ -68,7 +69,7 @@ def cell(args: argparse.Namespace) -> dict:
 
 def plain_sgd_step_seconds(args: argparse.Namespace) -> float:
     """Median time of one plain SGD training step on a minibatch of ``batch`` images."""
-    from distilled_ssl.losses import kd_loss
+    from distilled_ssl.models.losses import kd_loss
 
     torch.set_num_threads(args.threads)
     model, _, _, _, images, reps = _setup(args)

@@ -17,12 +17,12 @@ from pathlib import Path
 import torch
 
 from distilled_ssl.config import load_preset
-from distilled_ssl.context import RunContext
-from distilled_ssl.data import normalize
-from distilled_ssl.experts import student_for, train_expert
-from distilled_ssl.losses import kd_loss
-from distilled_ssl.probe import extract
-from distilled_ssl.teacher import load_teacher, resolve_weights
+from distilled_ssl.data.sources import normalize
+from distilled_ssl.models.losses import kd_loss
+from distilled_ssl.models.probe import extract
+from distilled_ssl.stages.context import RunContext
+from distilled_ssl.stages.experts import student_for, train_expert
+from distilled_ssl.stages.teacher import load_teacher, resolve_weights
 
 
 def bare_training(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> float:

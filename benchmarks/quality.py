@@ -29,12 +29,24 @@ from typing import Any
 import torch
 
 from distilled_ssl.config import load_preset
+from distilled_ssl.evaluation.run import evaluate_run
+from distilled_ssl.layout import PLOT_FILE
 from distilled_ssl.pipeline import prepare_run, run_log, run_pipeline
-from distilled_ssl.report import PLOT_FILE, evaluate_run, format_table, window_closed
+from distilled_ssl.sets.results import format_table
 
 SHARED = ("teacher.safetensors", "targets.safetensors", "experts")
 BASELINES = ["none", "random", "high_loss", "high_loss_balanced", "full", "teacher"]
 PRIMARY = ("fidelity_r2", "fashion-mnist/probe@1%", "mnist-5k/probe@10%")
+
+
+def window_closed(summary: list[dict[str, Any]], encoder: str, metric: str, low: str, high: str
+                  ) -> dict[str, float]:
+    """Per set: (set - low) / (high - low) on ``metric``, means over seeds (e.g. low = the random
+    subset, high = full-data KD); {} when either reference is missing or they tie."""
+    by = {s["set"]: s[metric]["mean"] for s in summary if s["encoder"] == encoder and metric in s}
+    if low not in by or high not in by or by[high] == by[low]:
+        return {}
+    return {name: (v - by[low]) / (by[high] - by[low]) for name, v in by.items()}
 
 
 def link_shared(src: Path, dst: Path) -> None:
@@ -84,7 +96,7 @@ def main() -> None:
                     help="Also write table/plot/json here (e.g. benchmarks/results/quality_cpu)")
     args = ap.parse_args()
 
-    from distilled_ssl.eval_cli import parse_arch
+    from distilled_ssl.cli.evaluate import parse_arch
 
     base = load_preset(args.preset).override(args.overrides)
     out = args.out

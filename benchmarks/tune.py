@@ -21,11 +21,12 @@ from multiprocessing import get_context
 from pathlib import Path
 
 import torch
-from quality import PRIMARY, link_shared
+from quality import PRIMARY, link_shared, window_closed
 
 from distilled_ssl.config import RunConfig, load_preset
+from distilled_ssl.evaluation.run import evaluate_run
 from distilled_ssl.pipeline import prepare_run, run_log, run_pipeline
-from distilled_ssl.report import evaluate_run, format_table, window_closed
+from distilled_ssl.sets.results import format_table
 
 RANDOM_INIT = "init.method=random,init.class_balanced=false"
 DEFAULT_VARIANTS = {
@@ -65,7 +66,7 @@ def main() -> None:
                     help="Re-render the table from OUT/<first variant>/results.json (no evaluation).")
     args = ap.parse_args()
 
-    from distilled_ssl.eval_cli import parse_arch
+    from distilled_ssl.cli.evaluate import parse_arch
 
     variants = dict(v.split("=", 1) for v in args.variant) if args.variant else DEFAULT_VARIANTS
     base = load_preset(args.preset).override([*args.overrides, f"source.holdout={args.holdout}"])

@@ -3,36 +3,60 @@
 Implements MKDT (Matching Knowledge-Distillation Trajectories, Joshi et al., ICLR 2025):
 teacher → target reps → expert trajectories → init → trajectory matching → distilled set →
 evaluation against baselines (incl. KRR-ST, ``distill.method: krr_st``).
+
+The public names below are imported lazily (PEP 562, as huggingface_hub does): ``from distilled_ssl
+import DistilledDataset`` loads the set reader and none of the training stages.
 """
 
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from ._version import __version__
-from .baselines import Baselines
-from .config import ConfigError, RunConfig, list_presets, load_preset
-from .context import RunContext
-from .data import DataNotFoundError, ImageSet, load_source
-from .dataset import DistilledDataset
-from .distill import run_distill
-from .downstream import load_downstream
-from .evaluate import (
-                       PretrainSet,
-                       downstream_metrics,
-                       knn_accuracy,
-                       pretrain_kd,
-                       probe_accuracy,
-                       teacher_fidelity,
-)
-from .experts import run_experts
-from .hub import push_to_hub
-from .initial_set import run_init
-from .io import ArtifactError
-from .losses import barlow_twins_loss, kd_loss
-from .matching import match_adjoint, match_unrolled
-from .models import FlatParams, build_model, list_models
-from .pipeline import STAGES, prepare_run, run_pipeline
-from .probe import linear_probe
-from .report import evaluate_run, format_table
-from .targets import run_targets
-from .teacher import load_teacher, run_teacher
+
+# public name → the module (below distilled_ssl) that defines it
+_LAZY: dict[str, str] = {
+    "ArtifactError": "errors",
+    "ConfigError": "errors",
+    "DataNotFoundError": "errors",
+    "DistilledSSLError": "errors",
+    "RunConfig": "config",
+    "list_presets": "config",
+    "load_preset": "config",
+    "FlatParams": "models.encoders",
+    "build_model": "models.encoders",
+    "list_models": "models.encoders",
+    "barlow_twins_loss": "models.losses",
+    "kd_loss": "models.losses",
+    "linear_probe": "models.probe",
+    "ImageSet": "data.sources",
+    "load_source": "data.sources",
+    "load_downstream": "data.downstream",
+    "RunContext": "stages.context",
+    "run_teacher": "stages.teacher",
+    "load_teacher": "stages.teacher",
+    "run_targets": "stages.targets",
+    "run_experts": "stages.experts",
+    "run_init": "stages.init",
+    "run_distill": "stages.distill",
+    "match_adjoint": "stages.distill.matching",
+    "match_unrolled": "stages.distill.matching",
+    "DistilledDataset": "sets.dataset",
+    "push_to_hub": "sets.hub",
+    "format_table": "sets.results",
+    "PretrainSet": "evaluation.protocol",
+    "downstream_metrics": "evaluation.protocol",
+    "knn_accuracy": "evaluation.protocol",
+    "pretrain_kd": "evaluation.protocol",
+    "probe_accuracy": "evaluation.protocol",
+    "teacher_fidelity": "evaluation.protocol",
+    "Baselines": "evaluation.baselines",
+    "evaluate_run": "evaluation.run",
+    "STAGES": "pipeline",
+    "prepare_run": "pipeline",
+    "run_pipeline": "pipeline",
+}
 
 __all__ = [
     "STAGES",
@@ -41,6 +65,7 @@ __all__ = [
     "ConfigError",
     "DataNotFoundError",
     "DistilledDataset",
+    "DistilledSSLError",
     "FlatParams",
     "ImageSet",
     "PretrainSet",
@@ -75,3 +100,47 @@ __all__ = [
     "run_teacher",
     "teacher_fidelity",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    module = _LAZY.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"), name)
+    globals()[name] = value  # later look-ups skip __getattr__
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_LAZY})
+
+
+if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
+    from .config import RunConfig, list_presets, load_preset
+    from .data.downstream import load_downstream
+    from .data.sources import ImageSet, load_source
+    from .errors import ArtifactError, ConfigError, DataNotFoundError, DistilledSSLError
+    from .evaluation.baselines import Baselines
+    from .evaluation.protocol import (
+        PretrainSet,
+        downstream_metrics,
+        knn_accuracy,
+        pretrain_kd,
+        probe_accuracy,
+        teacher_fidelity,
+    )
+    from .evaluation.run import evaluate_run
+    from .models.encoders import FlatParams, build_model, list_models
+    from .models.losses import barlow_twins_loss, kd_loss
+    from .models.probe import linear_probe
+    from .pipeline import STAGES, prepare_run, run_pipeline
+    from .sets.dataset import DistilledDataset
+    from .sets.hub import push_to_hub
+    from .sets.results import format_table
+    from .stages.context import RunContext
+    from .stages.distill import run_distill
+    from .stages.distill.matching import match_adjoint, match_unrolled
+    from .stages.experts import run_experts
+    from .stages.init import run_init
+    from .stages.targets import run_targets
+    from .stages.teacher import load_teacher, run_teacher

@@ -18,9 +18,10 @@ from typing import Any
 
 import yaml
 
+from .errors import ConfigError
+from .registry import BASELINES, DISTILL_METHODS, MATCHERS, MODELS, SOURCES
 
-class ConfigError(ValueError):
-    """A configuration value is missing, of the wrong type or out of range."""
+__all__ = ["ConfigError", "RunConfig", "list_presets", "load_preset"]
 
 
 @dataclass
@@ -37,7 +38,7 @@ class SourceConfig:
 
 @dataclass
 class ModelConfig:
-    """An architecture from the model registry (:func:`distilled_ssl.models.build_model`)."""
+    """An architecture from the model registry (:func:`distilled_ssl.models.encoders.build_model`)."""
 
     arch: str = "convnet"
     kwargs: dict[str, Any] = field(default_factory=dict)
@@ -130,7 +131,7 @@ class DistillConfig:
 
 @dataclass
 class EvalConfig:
-    """Stage 6 (:mod:`distilled_ssl.evaluate`): pre-train fresh encoders on the distilled set and
+    """Stage 6 (:mod:`distilled_ssl.evaluation`): pre-train fresh encoders on the distilled set and
     on baselines, then measure teacher fidelity, linear probes and kNN on downstream sets."""
 
     enabled: bool = True  # run the evaluation at the end of `distilled-ssl run` / `demo`
@@ -226,8 +227,8 @@ class RunConfig:
                       "distill.lr_targets", "distill.lr_lr", "distill.momentum")
         _choice(self, "teacher.mode", {"train", "load"})
         _choice(self, "init.method", {"high_loss", "random"})
-        _choice(self, "distill.mode", {"adjoint", "unrolled"})
-        _choice(self, "distill.method", {"mkdt", "krr_st"})
+        _choice(self, "distill.mode", set(MATCHERS))
+        _choice(self, "distill.method", set(DISTILL_METHODS))
         _choice(self, "eval.split", {"test", "validation"})
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
                   "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",
@@ -275,29 +276,15 @@ class RunConfig:
         if not self.eval.label_fractions or not all(0 < f <= 1 for f in self.eval.label_fractions):
             raise ConfigError(f"eval.label_fractions must be a non-empty list of numbers in (0, 1], "
                               f"got {self.eval.label_fractions}")
-        from .baselines import check_baselines  # local imports: these import torch
-
-        try:
-            check_baselines(self.eval.baselines)
-        except ValueError as exc:
-            raise ConfigError(f"eval.baselines: {exc}") from exc
-        from .data import check_source_name  # local imports: both import torch
-        from .models import check_arch
-
-        try:
-            check_source_name(self.source.name)
-        except ValueError as exc:
-            raise ConfigError(f"source.name: {exc}") from exc
-
+        for name in self.eval.baselines:
+            BASELINES.check(name, "eval.baselines")
+        SOURCES.check(self.source.name, "source.name")
         models = [("teacher.model", self.teacher.model), ("student", self.student)]
         if self.eval.model is not None:
             models.append(("eval.model", self.eval.model))
         models += [(f"eval.extra_models[{i}]", m) for i, m in enumerate(self.eval.extra_models)]
         for where, model in models:
-            try:
-                check_arch(model.arch, where)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from exc
+            MODELS.check(model.arch, where)
         return self
 
     def section_hash(self, *sections: str) -> str:

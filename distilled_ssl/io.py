@@ -15,11 +15,12 @@ import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import save as st_save
 
+from .errors import ArtifactError
+
+__all__ = ["FORMAT_VERSION", "ArtifactError", "atomic_path", "check_fingerprint", "file_sha256",
+           "load_rows", "load_tensors", "read_metadata", "save_tensors"]
+
 FORMAT_VERSION = "1"
-
-
-class ArtifactError(RuntimeError):
-    """An artifact is missing, corrupt, foreign or was made with a different configuration."""
 
 
 @contextmanager

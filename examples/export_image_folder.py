@@ -19,8 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 from torchvision.datasets import ImageFolder
 
-from distilled_ssl.dataset import DistilledDataset
-from distilled_ssl.losses import kd_loss
+from distilled_ssl import DistilledDataset, kd_loss
 
 
 class WithTargetReps(Dataset):

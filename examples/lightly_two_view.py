@@ -15,8 +15,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 
-from distilled_ssl.dataset import DistilledDataset
-from distilled_ssl.losses import barlow_twins_loss
+from distilled_ssl import DistilledDataset, barlow_twins_loss
 
 
 class TwoViews:

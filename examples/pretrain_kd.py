@@ -14,8 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.models import resnet18
 from torchvision.transforms import v2
 
-from distilled_ssl.dataset import DistilledDataset
-from distilled_ssl.losses import kd_loss
+from distilled_ssl import DistilledDataset, kd_loss
 
 
 def main(argv: list[str] | None = None) -> float:

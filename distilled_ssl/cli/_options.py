@@ -1,0 +1,88 @@
+"""What the run and stage commands share: their options, the console log and the config they run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+from tqdm.auto import tqdm
+
+from ..config import RunConfig, load_preset
+from ..errors import ConfigError
+from ..layout import CONFIG_FILE
+from ..stages.context import LOGGER_NAME, RunContext
+
+
+class _TqdmHandler(logging.Handler):
+    """Log lines that do not tear progress bars."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        tqdm.write(self.format(record), file=sys.stderr)
+
+
+def setup_console(quiet: bool) -> None:
+    """Show the library's log on stderr (only warnings when ``quiet``)."""
+    logger = logging.getLogger(LOGGER_NAME)
+    logger.setLevel(logging.INFO)
+    if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
+        handler = _TqdmHandler()
+        handler.setFormatter(logging.Formatter("%(message)s"))
+        logger.addHandler(handler)
+    for h in logger.handlers:
+        if isinstance(h, _TqdmHandler):
+            h.setLevel(logging.WARNING if quiet else logging.INFO)
+
+
+def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``--out --preset --config --set --device --seed --force --quiet``."""
+    options = [
+        click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+                     help="Run directory (created; holds config.yaml, run.log and every artifact)."),
+        click.option("--preset", help="A shipped preset (see `distilled-ssl presets list`)."),
+        click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
+                     help="A YAML config file."),
+        click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+                     help="Override a config value, e.g. --set distill.iterations=500."),
+        click.option("--device", help="cpu, cuda, cuda:N (overrides the config)."),
+        click.option("--seed", type=int, help="Run seed (overrides the config)."),
+        click.option("--force", is_flag=True, help="Re-run even when the artifact exists."),
+        click.option("--quiet", "-q", is_flag=True, help="Only warnings and the final summary."),
+    ]
+    for opt in reversed(options):
+        fn = opt(fn)
+    return fn
+
+
+def resolve_config(out: Path, preset: str | None, config_file: Path | None,
+                   overrides: tuple[str, ...], device: str | None, seed: int | None) -> RunConfig:
+    """The run's config: a preset, a file, or the run directory's own ``config.yaml``, overridden."""
+    if preset and config_file:
+        raise ConfigError("give --preset or --config, not both")
+    if preset:
+        cfg = load_preset(preset)
+    elif config_file:
+        cfg = RunConfig.from_yaml(config_file)
+    elif (out / CONFIG_FILE).is_file():
+        cfg = RunConfig.from_yaml(out / CONFIG_FILE)
+    else:
+        raise ConfigError(f"{out} holds no {CONFIG_FILE}: give --preset NAME or --config FILE")
+    extra = list(overrides)
+    if device:
+        extra.append(f"device={device}")
+    if seed is not None:
+        extra.append(f"seed={seed}")
+    return cfg.override(extra) if extra else cfg
+
+
+def start(out: Path, preset: str | None, config_file: Path | None, overrides: tuple[str, ...],
+          device: str | None, seed: int | None, quiet: bool) -> RunContext:
+    """Set up the console, resolve the config and prepare the run directory."""
+    from ..pipeline import prepare_run
+
+    setup_console(quiet)
+    cfg = resolve_config(out, preset, config_file, overrides, device, seed)
+    return prepare_run(cfg, out, progress=not quiet and sys.stderr.isatty())

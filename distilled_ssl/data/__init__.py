@@ -1,0 +1,1 @@
+"""Image data: source sets, labelled downstream sets, SSL augmentation and pictures of images."""

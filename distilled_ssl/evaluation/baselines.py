@@ -1,0 +1,126 @@
+"""The pre-training sets a distilled set is measured against (MKDT.md stage 6).
+
+Names (``eval.baselines``, the table :data:`distilled_ssl.registry.BASELINES`):
+
+* ``none`` — no pre-training: a random-init encoder (batch-norm statistics re-estimated on real images);
+* ``random`` — a random real subset of the distilled set's size, with teacher reps (fresh per seed);
+* ``init`` — the run's own initial subset (what stage 5 started from);
+* ``high_loss`` / ``high_loss_balanced`` — the top-k highest-loss images, plain / k/C per class;
+* ``full`` — every source image with teacher reps (the upper reference; ``eval.full_epochs``);
+* ``full:TEACHER`` — the same with another teacher's reps (``builtin:NAME`` or a teacher file);
+* ``teacher`` — the teacher's own representation, probed directly (the ceiling).
+
+Other distilled sets (a KRR-ST run, MKDT from a random init, a downloaded set) are compared by
+path (``compare``), not by name.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import torch
+
+from ..data.sources import normalize
+from ..errors import ArtifactError, ConfigError
+from ..io import load_tensors
+from ..layout import INIT_FILE
+from ..models.probe import extract
+from ..registry import BASELINES
+from ..stages.context import RunContext
+from ..stages.init import high_loss_scores, load_init, top_k
+from ..stages.targets import load_targets
+from ..stages.teacher import load_teacher, resolve_weights
+from .protocol import PretrainSet
+
+__all__ = ["Baselines", "check_baselines", "init_label"]
+
+
+def check_baselines(names: Iterable[str]) -> None:
+    """Raise :class:`~distilled_ssl.errors.UnknownNameError` (a ValueError) on an unknown baseline
+    name (the names: :data:`distilled_ssl.registry.BASELINES`)."""
+    for name in names:
+        BASELINES.check(name)
+
+
+def init_label(method: str, class_balanced: bool) -> str:
+    """'high_loss', True → 'high-loss init, class-balanced'."""
+    text = f"{method.replace('_', '-')} init"
+    return text + (", class-balanced" if class_balanced else "")
+
+
+@dataclass
+class Baselines:
+    """Builds baseline pre-training sets of ``k`` images for a run (caches what seeds share)."""
+
+    ctx: RunContext
+    k: int
+
+    def __post_init__(self) -> None:
+        self._scores: torch.Tensor | None = None
+        self._reps: dict[str, torch.Tensor] = {}  # teacher spec ("" = the run's) → reps of every image
+
+    def title(self, name: str) -> str:
+        """The row label of a baseline."""
+        ic = self.ctx.cfg.init
+        n = len(self.ctx.train_set)
+        return {
+            "none": "none (random init)",
+            "random": f"random subset ({self.k:,})",
+            "init": f"init subset ({init_label(ic.method, ic.class_balanced)})",
+            "high_loss": f"high-loss subset ({self.k:,})",
+            "high_loss_balanced": f"high-loss subset, class-balanced ({self.k:,})",
+            "full": f"full-data KD ({n:,})",
+            "teacher": "teacher (ceiling)",
+        }.get(name) or f"full-data KD ({n:,}), teacher {name.split(':', 1)[1]}"
+
+    def pretrain_set(self, name: str, seed: int) -> PretrainSet:
+        """The images, reps and lr of a KD baseline (not ``none``/``teacher``) for one seed."""
+        ctx, data = self.ctx, self.ctx.train_set
+        lr = ctx.cfg.distill.lr_init
+        if name == "random":
+            index = torch.randperm(len(data), generator=ctx.generator("eval", "random", seed))[:self.k]
+        elif name == "init":
+            index = load_init(ctx)
+        elif name in ("high_loss", "high_loss_balanced"):
+            labels = data.labels if name == "high_loss_balanced" else None
+            if name == "high_loss_balanced" and labels is None:
+                raise ConfigError("baseline high_loss_balanced needs a labelled source")
+            index = top_k(self._high_loss_scores(), self.k, labels)
+        elif name == "full" or name.startswith("full:"):
+            reps = self._teacher_reps(name.split(":", 1)[1]) if ":" in name else self._teacher_reps("")
+            return PretrainSet(self.title(name), normalize(data.images, data.mean, data.std), reps,
+                               ctx.cfg.experts.lr, epochs=ctx.cfg.eval.full_epochs)
+        else:
+            raise ConfigError(f"{name!r} is not a KD baseline")
+        return PretrainSet(self.title(name), normalize(data.images[index], data.mean, data.std),
+                           self._teacher_reps("")[index], lr)
+
+    def _high_loss_scores(self) -> torch.Tensor:
+        if self._scores is None:
+            ic = self.ctx.cfg.init
+            path = self.ctx.path(INIT_FILE)
+            scores = None
+            if ic.method == "high_loss" and path.exists():
+                try:  # the init stage stored every example's score
+                    scores = load_tensors(path, ["scores"])[0]["scores"]
+                except ArtifactError:
+                    scores = None
+            if scores is None or len(scores) != len(self.ctx.train_set):
+                scores = high_loss_scores(self.ctx)
+            self._scores = scores
+        return self._scores
+
+    def _teacher_reps(self, spec: str) -> torch.Tensor:
+        """Representations of every source image: the run's target reps ("") or another teacher's."""
+        if spec == "" and spec not in self._reps:
+            self._reps[spec] = load_targets(self.ctx)
+        if spec not in self._reps:
+            data = self.ctx.train_set
+            c, h, _ = data.shape
+            teacher, meta = load_teacher(resolve_weights(spec), in_channels=c, image_size=h,
+                                         device=self.ctx.device)
+            with torch.inference_mode():
+                self._reps[spec] = extract(teacher.features, data.images, tuple(meta["mean"]),
+                                           tuple(meta["std"]), device=str(self.ctx.device))
+        return self._reps[spec]

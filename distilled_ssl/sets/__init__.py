@@ -1,0 +1,1 @@
+"""Distilled sets as artifacts: the set folder, ``DistilledDataset`` and the Hub. Imports no stage."""

@@ -1,0 +1,66 @@
+"""Evaluation results as numbers and text, without torch: the summary over seeds and the Markdown
+table. Written by :mod:`distilled_ssl.evaluation`, read by the dataset card (:mod:`.artifact`)."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Any
+
+__all__ = ["format_table", "metric_columns", "summarize"]
+
+
+def summarize(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Mean, std and count of every metric per (encoder, set), in first-seen order."""
+    groups: dict[tuple[str, str], list[dict[str, Any]]] = {}
+    for r in rows:
+        groups.setdefault((r["encoder"], r["set"]), []).append(r)
+    out = []
+    for (enc, name), rs in groups.items():
+        entry: dict[str, Any] = {"encoder": enc, "set": name}
+        for key in rs[0]:
+            if key in ("set", "encoder", "seed", "seconds"):
+                continue
+            vals = [r[key] for r in rs if isinstance(r.get(key), (int, float))]
+            if vals:
+                entry[key] = {"mean": statistics.fmean(vals),
+                              "std": statistics.stdev(vals) if len(vals) > 1 else 0.0, "n": len(vals)}
+        out.append(entry)
+    return out
+
+
+def metric_columns(summary: list[dict[str, Any]]) -> list[str]:
+    """Every metric name of a summary, in first-seen order."""
+    cols: list[str] = []
+    for s in summary:
+        cols += [c for c in s if c not in ("encoder", "set") and c not in cols]
+    return cols
+
+
+def _cell(metric: str, stat: dict[str, Any] | None) -> str:
+    if not stat:
+        return "-"
+    pct = "@" in metric
+    m, sd = (100 * stat["mean"], 100 * stat["std"]) if pct else (stat["mean"], stat["std"])
+    fmt = "{:.1f}" if pct else "{:.3f}"
+    text = fmt.format(m)
+    return text + (" ± " + fmt.format(sd) if stat["n"] > 1 else "")
+
+
+def format_table(result: dict[str, Any]) -> str:
+    """Markdown: one table per evaluation encoder; accuracies in %, mean ± std over seeds."""
+    summary = result["summary"]
+    cols = metric_columns(summary)
+    names = {"fidelity_r2": "fidelity R²", "fidelity_cosine": "fidelity cos"}
+    out = []
+    for enc in dict.fromkeys(s["encoder"] for s in summary):
+        seeds = result["protocol"]["seeds"]
+        split = result["protocol"].get("split", "test")
+        where = " (validation split)" if split == "validation" else ""
+        out.append(f"Encoder {enc}, {seeds} seed{'s' if seeds > 1 else ''}{where}:\n")
+        out.append("| pre-training set | " + " | ".join(names.get(c, c) for c in cols) + " |")
+        out.append("|---" * (len(cols) + 1) + "|")
+        for s in summary:
+            if s["encoder"] == enc:
+                out.append(f"| {s['set']} | " + " | ".join(_cell(c, s.get(c)) for c in cols) + " |")
+        out.append("")
+    return "\n".join(out).rstrip() + "\n"

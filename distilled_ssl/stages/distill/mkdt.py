@@ -1,0 +1,139 @@
+"""Stage 5 — distillation by matching knowledge-distillation trajectories (MKDT).
+
+Learnable: images X [k, C, H, W] (normalised pixel space), target reps Y [k, D] and a scalar lr.
+Each iteration takes the next expert (a fresh seeded order per cycle through all experts), a start
+checkpoint s uniform in [0, max_start_epoch), trains ``syn_steps`` SGD steps from theta_s on the
+synthetic set and matches theta_{s+expert_epochs} (see :mod:`distilled_ssl.stages.distill.matching`).
+X, Y and lr are updated with SGD (momentum 0.5). The state is checkpointed every
+``checkpoint_every`` iterations; a rerun continues where it stopped, and raising
+``distill.iterations`` continues a finished run. Output: ``distilled.safetensors`` and
+``distilled.png``.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...errors import ArtifactError, ConfigError, DivergenceError
+from ...io import read_metadata, save_tensors
+from ...layout import DISTILLED_FILE, STATE_FILE
+from ...models.encoders import FlatParams
+from ...registry import MATCHERS
+from ..context import RunContext, student_for
+from ..experts import ExpertFile, list_experts
+from ..init import load_init
+from ..targets import load_targets
+from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
+from .matching import minibatches
+
+
+def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
+    """Stage 5 by MKDT: write ``distilled.safetensors`` and ``distilled.png`` (resumable)."""
+    out = ctx.path(DISTILLED_FILE)
+    fp = distill_fingerprint(ctx)
+    d = ctx.cfg.distill
+    if not force and out.exists():
+        meta = read_metadata(out)
+        if meta.get("fingerprint") == fp and meta.get("iterations", -1) >= d.iterations:
+            ctx.log.info("distill: %s exists (%d iterations), skipping", out, meta["iterations"])
+            return out
+    experts = list_experts(ctx)
+    dev = ctx.device
+    index = load_init(ctx)
+    reps = load_targets(ctx)
+    k = len(index)
+    model = student_for(ctx, reps.shape[1]).to(dev).train()
+    flat = FlatParams(model)
+    if experts[0].meta["output_dim"] != reps.shape[1] or experts[0].params(0).shape[1] != flat.size:
+        raise ArtifactError("the experts do not fit the student architecture; re-run the experts "
+                            "stage with --force")
+    state = initial_state(ctx, index, reps, fp, dev, force)
+    images, targets, lr = state["images"], state["targets"], state["lr"]
+    moms = {n: state.get(f"momentum.{n}", torch.zeros_like(state[n])) for n in ("images", "targets", "lr")}
+    history: list[float] = state["meta"].get("history", [])
+    norms: dict[str, float] = state["meta"].get("norm_ema", {})
+    start = int(state["meta"].get("iteration", 0))
+    sched = experts[0].schedule
+    span = round(d.expert_epochs * sched.steps_per_epoch / sched.every)
+    if span < 1:
+        raise ConfigError(f"distill.expert_epochs={d.expert_epochs:g} is shorter than one expert checkpoint "
+                         f"interval ({sched.every / sched.steps_per_epoch:.3g} epochs); raise it or lower "
+                         "experts.checkpoint_every_steps")
+    max_start = max(1, round(d.max_start_epoch * sched.steps_per_epoch / sched.every))
+    if max_start - 1 + span >= sched.count:
+        raise ArtifactError(f"experts hold {sched.count} checkpoints; start < {max_start} plus span "
+                            f"{span} needs more; re-run experts with the current config (--force)")
+    if start == 0:
+        ctx.log.info("distill: %d images, %d experts, %s mode, span %d checkpoints (%d steps), "
+                     "start in [0, %d), syn_steps %d, batch %d", k, len(experts), d.mode, span,
+                     span * sched.every, max_start, d.syn_steps, min(d.batch_syn, k))
+    matcher = MATCHERS[d.mode]
+    lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
+    bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
+    progress = IterationLog(d.iterations, d.log_every, bar)
+    for it in range(start, d.iterations):
+        ef = _expert_for(ctx, experts, it)
+        g = ctx.generator("distill", it)
+        s = int(torch.randint(max_start, (1,), generator=g))
+        theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
+        batches = [b.to(dev) for b in minibatches(k, d.batch_syn, d.syn_steps, g)]
+        res = matcher(flat, theta0, theta_target, images, targets, lr, batches)
+        grads = {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}
+        loss = float(res.loss)
+        if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
+            raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
+                                     "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
+        with torch.no_grad():
+            params = {"images": images, "targets": targets, "lr": lr}
+            for name, grad in grads.items():
+                grad = _clip(grad, name, norms, d.clip_grad)
+                moms[name].mul_(d.momentum).add_(grad)
+                params[name].sub_(lrs[name] * moms[name])
+            lr.clamp_(min=1e-8)
+        history.append(loss)
+        done = it + 1
+        report = progress.record(done, loss)
+        if report is not None:
+            mean, sec, eta = report
+            ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
+                         done, d.iterations, mean, s, float(lr), sec, eta)
+            bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
+        if done % d.checkpoint_every == 0 or done == d.iterations:
+            _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
+                        {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp})
+    bar.close()
+    write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
+                     extra={"num_experts": len(experts),
+                            "matching_loss": {"first": rounded_mean(history[:10]),
+                                              "last": rounded_mean(history[-10:])}})
+    return out
+
+
+def _expert_for(ctx: RunContext, experts: list[ExpertFile], it: int) -> ExpertFile:
+    cycle, pos = divmod(it, len(experts))
+    order = torch.randperm(len(experts), generator=ctx.generator("distill", "cycle", cycle))
+    return experts[int(order[pos])]
+
+
+def _clip(grad: torch.Tensor, name: str, norms: dict[str, float], factor: float | None) -> torch.Tensor:
+    """Clip to ``factor`` x the running mean of this tensor's gradient norms (scale-free)."""
+    if factor is None:
+        return grad
+    norm = float(grad.norm())
+    ref = norms.get(name)
+    if ref is not None and norm > factor * ref:
+        grad = grad * (factor * ref / norm)
+        norm = factor * ref
+    norms[name] = norm if ref is None else 0.9 * ref + 0.1 * norm
+    return grad
+
+
+def _save_state(path: Path, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                moms: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    tensors = {"images": images, "targets": targets, "lr": lr}
+    tensors.update({f"momentum.{n}": m for n, m in moms.items()})
+    save_tensors(path, tensors, meta)
