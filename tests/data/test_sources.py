@@ -6,7 +6,8 @@ import pytest
 import torch
 from PIL import Image
 
-from distilled_ssl.data import DataNotFoundError, channel_stats, load_source, read_idx
+from distilled_ssl.data.sources import channel_stats, load_source, read_idx
+from distilled_ssl.errors import DataNotFoundError
 
 
 def test_npz_source_shapes_labels_and_shared_normalisation(synthetic_npz: Path) -> None:

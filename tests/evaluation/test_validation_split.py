@@ -12,14 +12,14 @@ import torch
 from click.testing import CliRunner
 from conftest import make_images, tiny_config
 
-from distilled_ssl.artifact import load_distilled_file
 from distilled_ssl.cli import main
 from distilled_ssl.config import ConfigError, RunConfig
-from distilled_ssl.data import ImageSet
-from distilled_ssl.downstream import Downstream, validation_split
+from distilled_ssl.data.downstream import Downstream, validation_split
+from distilled_ssl.data.sources import ImageSet
+from distilled_ssl.evaluation.run import downstream_sets, evaluate_run
 from distilled_ssl.pipeline import prepare_run, run_pipeline
-from distilled_ssl.report import _downstream_sets, evaluate_run
-from distilled_ssl.targets import load_targets
+from distilled_ssl.sets.artifact import load_distilled_file
+from distilled_ssl.stages.targets import load_targets
 
 HOLDOUT = 40
 
@@ -98,7 +98,7 @@ def test_evaluation_on_the_validation_split_never_reads_a_test_set(held_run: Pat
     np.savez(other, x_train=x, y_train=y, x_test=x[:10] * 0, y_test=y[:10])  # test split: all black
     ctx = _ctx(held_run, "eval.split=validation", f"eval.downstream=[{ctx_source(held_run)}, npz:{other}]",
                "eval.baselines=[random]")
-    own, second = _downstream_sets(ctx)
+    own, second = downstream_sets(ctx)
     assert torch.equal(own.test.images, ctx.validation_set.images)
     assert torch.equal(own.train.images, ctx.train_set.images)
     assert len(second.train) + len(second.test) == 100 and second.test.images.amax() > 0

@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from distilled_ssl.models import FlatParams, UnknownArchError, build_model
+from distilled_ssl.models.encoders import FlatParams, UnknownArchError, build_model
 
 
 @pytest.mark.parametrize("arch, kwargs, feat", [

@@ -12,7 +12,8 @@ import torch
 import webdataset as wds
 from hub_fixtures import make_distilled_file
 
-from distilled_ssl.artifact import (
+from distilled_ssl.io import load_tensors, save_tensors
+from distilled_ssl.sets.artifact import (
     ChecksumError,
     NotASetError,
     SetFormatError,
@@ -21,7 +22,6 @@ from distilled_ssl.artifact import (
     split_front_matter,
     write_set,
 )
-from distilled_ssl.io import load_tensors, save_tensors
 
 
 def test_set_folder_holds_every_file_and_a_correct_manifest(tiny_set: Path) -> None:

@@ -17,10 +17,10 @@ from torchvision import transforms
 from torchvision.datasets import ImageFolder, VisionDataset
 from torchvision.transforms import v2
 
-from distilled_ssl.dataset import DistilledDataset
 from distilled_ssl.io import load_tensors
+from distilled_ssl.sets.dataset import DistilledDataset
 
-EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+EXAMPLES = Path(__file__).resolve().parents[2] / "examples"
 
 
 @pytest.fixture

@@ -16,10 +16,11 @@ from click.testing import CliRunner
 from hub_fixtures import LoopbackHub, make_distilled_file
 from huggingface_hub import HfFileSystem, constants
 
-from distilled_ssl.artifact import ChecksumError, split_front_matter
 from distilled_ssl.config import list_presets
-from distilled_ssl.dataset import DistilledDataset
-from distilled_ssl.hub import (
+from distilled_ssl.io import load_tensors
+from distilled_ssl.sets.artifact import ChecksumError, split_front_matter
+from distilled_ssl.sets.dataset import DistilledDataset
+from distilled_ssl.sets.hub import (
     KNOWN_SETS,
     HubUnreachableError,
     MissingTokenError,
@@ -30,7 +31,6 @@ from distilled_ssl.hub import (
     push_to_hub,
     resolve_name,
 )
-from distilled_ssl.io import load_tensors
 
 REPO = "alice/tiny-set"
 
@@ -163,7 +163,7 @@ def test_fresh_process_pull_is_bit_exact_and_offline(loopback_hub: LoopbackHub, 
     _push(loopback_hub, tiny_run, tag="v1")
     code = """
 import hashlib, os, sys
-from distilled_ssl.dataset import DistilledDataset
+from distilled_ssl.sets.dataset import DistilledDataset
 def digest(ds):
     return hashlib.sha256(ds.images.numpy().tobytes() + ds.targets.numpy().tobytes()).hexdigest()
 print(digest(DistilledDataset.from_hub(sys.argv[1], revision="v1", endpoint=sys.argv[2])))

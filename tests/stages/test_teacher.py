@@ -1,4 +1,5 @@
-"""Stage 1 in load mode: our teacher files, bare state dicts, torchvision models."""
+"""Stage 1: a trained teacher's loss and probe; load mode with our teacher files, bare state dicts and
+torchvision models."""
 
 from pathlib import Path
 
@@ -8,9 +9,10 @@ from safetensors.torch import save_file
 
 from distilled_ssl.config import ModelConfig, RunConfig
 from distilled_ssl.io import ArtifactError, read_metadata
-from distilled_ssl.models import build_model
+from distilled_ssl.models.encoders import build_model
 from distilled_ssl.pipeline import prepare_run, run_pipeline
-from distilled_ssl.teacher import load_teacher
+from distilled_ssl.stages.context import RunContext
+from distilled_ssl.stages.teacher import load_teacher
 
 
 def _load_cfg(cfg: RunConfig, weights: Path, model: ModelConfig) -> RunConfig:
@@ -66,3 +68,11 @@ def test_weights_that_do_not_fit_or_are_pickles_are_refused(tiny_cfg: RunConfig,
                       progress=False)
     with pytest.raises(ArtifactError, match="do not exist"):
         run_pipeline(ctx, stages=["teacher"])
+
+
+def test_teacher_loss_goes_down_and_probe_is_reported(finished_run: RunContext) -> None:
+    meta = read_metadata(finished_run.path("teacher.safetensors"))
+    losses = meta["trained"]["epoch_losses"]
+    assert len(losses) == 3 and losses[-1] < losses[0]
+    assert 0.25 < meta["probe_accuracy"] <= 1.0  # 4 balanced classes: above chance
+    assert meta["arch"] == "convnet" and meta["feature_dim"] == 4

@@ -10,15 +10,15 @@ import pytest
 import torch
 from conftest import same_artifact
 
-import distilled_ssl.krr_st as krr_mod
-from distilled_ssl.artifact import load_distilled_file
+import distilled_ssl.stages.distill.krr_st as krr_mod
 from distilled_ssl.config import ConfigError, RunConfig
-from distilled_ssl.context import RunContext
-from distilled_ssl.dataset import DistilledDataset
-from distilled_ssl.distill import run_distill
 from distilled_ssl.io import ArtifactError, load_tensors, read_metadata
-from distilled_ssl.krr_st import KrrSolveError, ModelPool, krr_predict
 from distilled_ssl.pipeline import prepare_run, run_pipeline
+from distilled_ssl.sets.artifact import load_distilled_file
+from distilled_ssl.sets.dataset import DistilledDataset
+from distilled_ssl.stages.context import RunContext
+from distilled_ssl.stages.distill import run_distill
+from distilled_ssl.stages.distill.krr_st import KrrSolveError, ModelPool, krr_predict
 
 FAST = ["teacher.epochs=1"]  # any teacher will do here
 KRR = ["distill.method=krr_st", "distill.krr_st.pool_size=2", "distill.krr_st.real_batch=64",

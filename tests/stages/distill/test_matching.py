@@ -1,8 +1,8 @@
 import pytest
 import torch
 
-from distilled_ssl.matching import match_adjoint, match_unrolled, minibatches
-from distilled_ssl.models import FlatParams, build_model
+from distilled_ssl.models.encoders import FlatParams, build_model
+from distilled_ssl.stages.distill.matching import match_adjoint, match_unrolled, minibatches
 
 
 @pytest.mark.parametrize("arch, kwargs", [

@@ -1,0 +1,76 @@
+"""Stage 5 by MKDT: the distilled set, resume and extension, the matching loss going down."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+import distilled_ssl.stages.distill.mkdt as distill_mod
+from distilled_ssl.config import RunConfig
+from distilled_ssl.io import load_tensors, read_metadata
+from distilled_ssl.pipeline import prepare_run, run_pipeline
+from distilled_ssl.stages.context import RunContext
+from distilled_ssl.stages.distill import run_distill
+
+
+def test_distilled_artifact_contents(finished_run: RunContext) -> None:
+    tensors, meta = load_tensors(finished_run.path("distilled.safetensors"))
+    assert tensors["images"].shape == (12, 1, 16, 16) and tensors["images"].dtype == torch.float16
+    assert tensors["targets"].shape == (12, 4) and tensors["targets"].dtype == torch.float32
+    assert tensors["lr"].shape == () and float(tensors["lr"]) > 0
+    assert tensors["source_index"].tolist() == load_tensors(
+        finished_run.path("init.safetensors"))[0]["indices"].tolist()
+    assert meta["format_version"] == "1" and meta["kind"] == "distilled_set"
+    assert meta["normalization"]["mean"] == list(finished_run.train_set.mean)
+    assert meta["iterations"] == 4 and meta["num_experts"] == 2
+    assert meta["config"]["distill"]["syn_steps"] == 3
+    # the images moved away from the real images they started from
+    real = finished_run.train_set.images[tensors["source_index"]].float() / 255
+    assert (tensors["images"].float() - real).abs().max() > 1e-3
+
+
+def test_distill_resumes_after_interrupt_and_extends(tiny_cfg: RunConfig, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = tiny_cfg.override(["distill.iterations=6"])
+    ref = prepare_run(cfg, tmp_path / "ref", progress=False)
+    run_pipeline(ref)
+    ref_images = load_tensors(ref.path("distilled.safetensors"))[0]["images"]
+
+    ctx = prepare_run(cfg, tmp_path / "cut", progress=False)
+    run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
+    real = distill_mod.MATCHERS["adjoint"]
+    calls = {"n": 0}
+
+    def die_at_fifth(*args: object, **kwargs: object) -> object:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(distill_mod, "MATCHERS", {"adjoint": die_at_fifth})
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(ctx)
+    assert read_metadata(ctx.path("distill_state.safetensors"))["iteration"] == 4
+    monkeypatch.setattr(distill_mod, "MATCHERS", {"adjoint": real})
+    run_distill(ctx)
+    assert torch.equal(load_tensors(ctx.path("distilled.safetensors"))[0]["images"], ref_images)
+
+    # raising the iteration count continues from the saved state
+    longer = prepare_run(cfg.override(["distill.iterations=8"]), tmp_path / "cut", progress=False)
+    run_distill(longer)
+    meta = read_metadata(longer.path("distilled.safetensors"))
+    assert meta["iterations"] == 8
+
+
+def test_distill_matching_loss_goes_down(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    """One expert and one start: the same matching problem every iteration, so the loss must drop."""
+    cfg = tiny_cfg.override(["experts.num_experts=1", "distill.max_start_epoch=0.2",
+                             "distill.iterations=12", "distill.lr_img=3000", "distill.lr_targets=300",
+                             "distill.log_every=1", "init.method=random"])
+    ctx = prepare_run(cfg, tmp_path, progress=False)
+    run_pipeline(ctx)
+    history = read_metadata(ctx.path("distill_state.safetensors"))["history"]
+    assert len(history) == 12
+    assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3
