@@ -28,14 +28,18 @@ from .initial_set import INIT_FILE, init_fingerprint, load_init
 from .io import ArtifactError, load_tensors, read_metadata, save_tensors
 from .matching import MATCHERS, minibatches
 from .models import FlatParams
+from .monitor import CURVE_FILE, KEEP_METRIC, SnapshotScorer, build_scorer, save_curve
 from .targets import TARGETS_FILE, load_targets
-from .teacher import TEACHER_FILE
+from .teacher import TEACHER_FILE, load_teacher
 from .viz import pick_for_grid, save_comparison
 
 DISTILLED_FILE = "distilled.safetensors"
 STATE_FILE = "distill_state.safetensors"
 GRID_FILE = "distilled.png"
 IMAGE_ENCODING = "float16 pixels in [0, 1] scale (un-normalised, not clamped)"
+# Fields added after runs were made: left out of the fingerprint while at their default.
+_ADDED_DEFAULTS: dict[str, Any] = {"clamp": False, "smooth": 0.0, "image_optimizer": "sgd",
+                                   "targets_anchor": 0.0, "eval_every": 0, "keep": "last"}
 
 
 def distill_fingerprint(ctx: RunContext) -> str:
@@ -44,7 +48,8 @@ def distill_fingerprint(ctx: RunContext) -> str:
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
     skip = {"iterations", "log_every", "checkpoint_every"} | ({"krr_st"} if d.method == "mkdt" else set())
-    keys = {k: v for k, v in asdict(d).items() if k not in skip}
+    keys = {k: v for k, v in asdict(d).items()
+            if k not in skip and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
     return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
 
 
@@ -97,6 +102,17 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
                      span * sched.every, max_start, d.syn_steps, min(d.batch_syn, k))
     matcher = MATCHERS[d.mode]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
+    adam = {"images"} if d.image_optimizer == "adam" else set()
+    sq = {n: state.get(f"sq.{n}", torch.zeros_like(state[n])) for n in adam}
+    data = ctx.train_set
+    pixel_range = _pixel_range(data.mean, data.std, dev) if d.clamp else None
+    start_images = normalize(data.images[index].to(dev), data.mean, data.std) if d.smooth else None
+    teacher = _TeacherOnSet(ctx) if d.targets_anchor > 0 else None
+    scorer = build_scorer(ctx) if d.eval_every else None
+    curve: list[dict[str, Any]] = state["meta"].get("curve", [])
+    best = {n: state[f"best.{n}"] for n in ("images", "targets", "lr") if f"best.{n}" in state}
+    if scorer is not None and not curve:
+        _score(ctx, scorer, curve, best, 0, images, targets, lr, None)
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
     progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, d.iterations):
@@ -115,9 +131,18 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
             params = {"images": images, "targets": targets, "lr": lr}
             for name, grad in grads.items():
                 grad = _clip(grad, name, norms, d.clip_grad)
+                if name in adam:
+                    _adam_step(params[name], grad, moms[name], sq[name], lrs[name], it + 1)
+                    continue
                 moms[name].mul_(d.momentum).add_(grad)
                 params[name].sub_(lrs[name] * moms[name])
             lr.clamp_(min=1e-8)
+            if d.smooth:  # smooth what distillation changed, not the real images it started from
+                images.add_(_laplacian(images - start_images), alpha=d.smooth)
+            if pixel_range is not None:
+                images.clamp_(*pixel_range)
+            if teacher is not None:
+                targets.lerp_(teacher.reps(images), d.targets_anchor)
         history.append(loss)
         done = it + 1
         report = progress.record(done, loss)
@@ -126,15 +151,88 @@ def run_distill(ctx: RunContext, *, force: bool = False) -> Path:
             ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
                          done, d.iterations, mean, s, float(lr), sec, eta)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
+        if scorer is not None and (done % d.eval_every == 0 or done == d.iterations):
+            _score(ctx, scorer, curve, best, done, images, targets, lr, history)
         if done % d.checkpoint_every == 0 or done == d.iterations:
+            extra = {f"sq.{n}": v for n, v in sq.items()}
+            extra.update({f"best.{n}": v for n, v in best.items()})
             _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
-                        {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp})
+                        {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp,
+                         "curve": curve}, extra)
     bar.close()
+    kept = None
+    if d.keep == "best" and best:
+        kept = max(curve, key=lambda p: p[KEEP_METRIC])
+        images, targets, lr = best["images"], best["targets"], best["lr"]
+        ctx.log.info("distill: keeping the snapshot of iteration %d (held-out fidelity R² %.4f)",
+                     kept["iteration"], kept[KEEP_METRIC])
+    if curve:
+        save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"])
     _write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
                      extra={"num_experts": len(experts),
                             "matching_loss": {"first": _mean(history[:10]),
-                                              "last": _mean(history[-10:])}})
+                                              "last": _mean(history[-10:])},
+                            **({"validation_curve": curve} if curve else {}),
+                            **({"kept_iteration": kept["iteration"]} if kept else {})})
     return out
+
+
+def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
+           best: dict[str, torch.Tensor], done: int, images: torch.Tensor, targets: torch.Tensor,
+           lr: torch.Tensor, history: list[float] | None) -> None:
+    """Score the current set on the held-out images; remember it when it is the best so far."""
+    t0 = time.perf_counter()
+    point: dict[str, Any] = {"iteration": done, **scorer(images, targets, lr)}
+    if history:
+        point["matching_loss"] = _mean(history[-ctx.cfg.distill.eval_every:])
+    if not curve or point[KEEP_METRIC] > max(p[KEEP_METRIC] for p in curve):
+        best.update(images=images.clone(), targets=targets.clone(), lr=lr.clone())
+    curve.append(point)
+    ctx.log.info("distill %d: held-out %s (%.1f s)", done,
+                 ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k != "iteration"),
+                 time.perf_counter() - t0)
+
+
+def _pixel_range(mean: tuple[float, ...], std: tuple[float, ...], dev: torch.device
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Normalised values of pixels 0 and 1, per channel, shaped to broadcast over images."""
+    m = torch.tensor(mean, device=dev).view(1, -1, 1, 1)
+    sd = torch.tensor(std, device=dev).view(1, -1, 1, 1)
+    return (0 - m) / sd, (1 - m) / sd
+
+
+def _laplacian(x: torch.Tensor) -> torch.Tensor:
+    """The 4-neighbour Laplacian with replicated borders (a diffusion step's direction)."""
+    p = torch.nn.functional.pad(x, (1, 1, 1, 1), mode="replicate")
+    return p[..., :-2, 1:-1] + p[..., 2:, 1:-1] + p[..., 1:-1, :-2] + p[..., 1:-1, 2:] - 4 * x
+
+
+def _adam_step(p: torch.Tensor, grad: torch.Tensor, m: torch.Tensor, v: torch.Tensor, lr: float,
+               step: int, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8) -> None:
+    m.mul_(betas[0]).add_(grad, alpha=1 - betas[0])
+    v.mul_(betas[1]).addcmul_(grad, grad, value=1 - betas[1])
+    m_hat = m / (1 - betas[0] ** step)
+    v_hat = v / (1 - betas[1] ** step)
+    p.sub_(lr * m_hat / (v_hat.sqrt() + eps))
+
+
+class _TeacherOnSet:
+    """The teacher's representation of (normalised) synthetic images, for ``targets_anchor``."""
+
+    def __init__(self, ctx: RunContext) -> None:
+        c, h, _ = ctx.train_set.shape
+        self.encoder, meta = load_teacher(ctx.path(TEACHER_FILE), in_channels=c, image_size=h,
+                                          device=ctx.device)
+        data = ctx.train_set
+        dev = ctx.device
+        m, sd = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (data.mean, data.std))
+        tm, tsd = (torch.tensor(v, device=dev).view(1, -1, 1, 1) for v in (meta["mean"], meta["std"]))
+        self.scale, self.shift = sd / tsd, (m - tm) / tsd  # x_teacher = x * scale + shift
+
+    @torch.no_grad()
+    def reps(self, images: torch.Tensor, batch_size: int = 512) -> torch.Tensor:
+        return torch.cat([self.encoder.features(x * self.scale + self.shift)
+                          for x in images.split(batch_size)])
 
 
 def _expert_for(ctx: RunContext, experts: list[ExpertFile], it: int) -> ExpertFile:
@@ -203,9 +301,11 @@ def _initial_state(ctx: RunContext, index: torch.Tensor, reps: torch.Tensor, fp:
 
 
 def _save_state(path: Path, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
-                moms: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+                moms: dict[str, torch.Tensor], meta: dict[str, Any],
+                extra: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {"images": images, "targets": targets, "lr": lr}
     tensors.update({f"momentum.{n}": m for n, m in moms.items()})
+    tensors.update(extra or {})
     save_tensors(path, tensors, meta)
 
 
