@@ -45,10 +45,10 @@ _LAZY: dict[str, str] = {
     "DistilledDataset": "sets.dataset",
     "push_to_hub": "sets.hub",
     "format_table": "sets.results",
-    "PretrainSet": "evaluation.protocol",
+    "PretrainSet": "models.pretrain",
     "downstream_metrics": "evaluation.protocol",
     "knn_accuracy": "evaluation.protocol",
-    "pretrain_kd": "evaluation.protocol",
+    "pretrain_kd": "models.pretrain",
     "probe_accuracy": "evaluation.protocol",
     "teacher_fidelity": "evaluation.protocol",
     "Baselines": "evaluation.baselines",
@@ -121,17 +121,11 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .data.sources import ImageSet, load_source
     from .errors import ArtifactError, ConfigError, DataNotFoundError, DistilledSSLError
     from .evaluation.baselines import Baselines
-    from .evaluation.protocol import (
-        PretrainSet,
-        downstream_metrics,
-        knn_accuracy,
-        pretrain_kd,
-        probe_accuracy,
-        teacher_fidelity,
-    )
+    from .evaluation.protocol import downstream_metrics, knn_accuracy, probe_accuracy, teacher_fidelity
     from .evaluation.run import evaluate_run
     from .models.encoders import FlatParams, build_model, list_models
     from .models.losses import barlow_twins_loss, kd_loss
+    from .models.pretrain import PretrainSet, pretrain_kd
     from .models.probe import linear_probe
     from .pipeline import STAGES, prepare_run, run_pipeline
     from .sets.dataset import DistilledDataset

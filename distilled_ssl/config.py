@@ -85,7 +85,7 @@ class ExpertsConfig:
 class InitConfig:
     """Stage 4: which real images start the synthetic set."""
 
-    method: str = "high_loss"  # "high_loss" | "random"
+    method: str = "high_loss"  # "high_loss" | "random" | "kmeans" (representative, label-free)
     fraction: float = 0.02  # of the source set; ignored when num_images is set
     num_images: int | None = None
     class_balanced: bool = False  # needs labels
@@ -126,6 +126,15 @@ class DistillConfig:
     mode: str = "adjoint"  # "adjoint" (exact, memory constant in syn_steps) | "unrolled"
     checkpoint_every: int = 50
     log_every: int = 10
+    # Keeping the set a good stand-in for real data (README "Distillation quality").
+    clamp: bool = False  # keep image pixels in [0, 1] after every update
+    smooth: float = 0.0  # each iteration, a diffusion step of this size (0-0.25) on what
+    # distillation changed in the images (a smoothness prior on the change)
+    image_optimizer: str = "sgd"  # "sgd" (momentum) | "adam" (lr_img: a step in normalised units)
+    targets_anchor: float = 0.0  # each iteration, move target reps this fraction of the way to the
+    # teacher's reps of the current images (0 = free, 1 = relabel by the teacher)
+    eval_every: int = 0  # score a snapshot on the source.holdout images every N iterations (0 = off)
+    keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out fidelity
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
 
 
@@ -226,9 +235,22 @@ class RunConfig:
                       "experts.momentum", "experts.weight_decay", "distill.lr_img",
                       "distill.lr_targets", "distill.lr_lr", "distill.momentum")
         _choice(self, "teacher.mode", {"train", "load"})
-        _choice(self, "init.method", {"high_loss", "random"})
+        _choice(self, "init.method", {"high_loss", "random", "kmeans"})
         _choice(self, "distill.mode", set(MATCHERS))
         _choice(self, "distill.method", set(DISTILL_METHODS))
+        _choice(self, "distill.image_optimizer", {"sgd", "adam"})
+        _choice(self, "distill.keep", {"last", "best"})
+        _non_negative(self, "distill.eval_every")
+        if not 0 <= self.distill.smooth <= 0.25:
+            raise ConfigError(f"distill.smooth must be in [0, 0.25] (a stable diffusion step), got "
+                              f"{self.distill.smooth}")
+        if not 0 <= self.distill.targets_anchor <= 1:
+            raise ConfigError(f"distill.targets_anchor must be in [0, 1], got {self.distill.targets_anchor}")
+        if self.distill.keep == "best" and self.distill.eval_every == 0:
+            raise ConfigError("distill.keep=best needs distill.eval_every > 0 (how often to score)")
+        if self.distill.eval_every and self.source.holdout == 0:
+            raise ConfigError("distill.eval_every scores the set on held-out training images: set "
+                              "source.holdout (e.g. 5000), or distill.eval_every=0")
         _choice(self, "eval.split", {"test", "validation"})
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
                   "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",

@@ -7,7 +7,8 @@ A run directory (``--out``)::
     targets.safetensors                      stage 2
     experts/expert_NNNNN.safetensors         stage 3 (.partial.safetensors / .lock while training)
     init.safetensors                         stage 4
-    distilled.safetensors  distilled.png     stage 5 (distill_state.safetensors: its resumable state)
+    distilled.safetensors  distilled.png     stage 5 (distill_state.safetensors: its resumable state;
+    curve.png                                its validation curve, with distill.eval_every)
     results.json  results.md  results.png    stage 6, the evaluation
 
 A set folder (what is pushed to the Hub) holds ``distilled.safetensors`` and the files below.
@@ -27,6 +28,7 @@ INIT_FILE = "init.safetensors"
 DISTILLED_FILE = "distilled.safetensors"
 STATE_FILE = "distill_state.safetensors"
 GRID_FILE = "distilled.png"
+CURVE_FILE = "curve.png"
 RESULTS_FILE = "results.json"
 TABLE_FILE = "results.md"
 PLOT_FILE = "results.png"

@@ -171,3 +171,14 @@ def validation_split(ds: Downstream, fraction: float, seed: int) -> Downstream:
         held[members[torch.randperm(len(members), generator=g)[:n]]] = True
     keep = (~held).nonzero().flatten()
     return Downstream(ds.name, ds.train.subset(keep), ds.train.subset(held.nonzero().flatten()))
+
+
+def stratified_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
+    """A seeded, class-stratified subset holding ``fraction`` of each class (at least one each)."""
+    g = torch.Generator().manual_seed(seed)
+    picked = []
+    for c in labels.unique().tolist():
+        members = (labels == c).nonzero().squeeze(1)
+        k = max(1, round(fraction * len(members)))
+        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
+    return torch.cat(picked).sort().values

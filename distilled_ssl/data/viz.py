@@ -92,3 +92,50 @@ def save_bar_panels(path: Path, panels: list[tuple[str, list[tuple[str, float, f
         y += h
     with atomic_path(path) as tmp:
         img.save(tmp, format="PNG")
+
+
+def save_line_panels(path: Path, panels: list[tuple[str, list[tuple[float, float]]]], *,
+                     marker: float | None = None, width: int = 560, height: int = 150) -> None:
+    """PNG of line plots stacked on one x axis, one panel per ``(title, [(x, y), ...])``;
+    ``marker`` draws a dashed vertical line at that x in every panel."""
+    xs = [x for _, pts in panels for x, _ in pts] or [0.0, 1.0]
+    x_lo, x_hi = min(xs), max(xs)
+    x_span = (x_hi - x_lo) or 1.0
+    left, right, pad = 64, 16, 24
+    img = Image.new("RGB", (width, len(panels) * (height + pad) + 24), "white")
+    draw = ImageDraw.Draw(img)
+
+    def px(x: float) -> int:
+        return left + int((x - x_lo) / x_span * (width - left - right))
+
+    for i, (title, pts) in enumerate(panels):
+        top = 8 + i * (height + pad)
+        draw.text((left, top), title, fill="black")
+        y0, y1 = top + 16, top + height
+        ys = [y for _, y in pts if y == y and abs(y) != float("inf")] or [0.0, 1.0]
+        lo, hi = min(ys), max(ys)
+        span = (hi - lo) or 1.0
+        lo, hi = lo - 0.05 * span, hi + 0.05 * span
+
+        def py(y: float, lo: float = lo, hi: float = hi, y0: int = y0, y1: int = y1) -> int:
+            return y1 - int((min(max(y, lo), hi) - lo) / (hi - lo) * (y1 - y0))
+
+        draw.rectangle([left, y0, width - right, y1], outline="grey")
+        draw.text((4, y0 - 2), f"{hi:.3g}", fill="grey")
+        draw.text((4, y1 - 10), f"{lo:.3g}", fill="grey")
+        if marker is not None:
+            for yy in range(y0, y1, 6):
+                draw.line([px(marker), yy, px(marker), min(yy + 3, y1)], fill="grey")
+        colour = _PALETTE[i % len(_PALETTE)]
+        line = [(px(x), py(y)) for x, y in pts]
+        if len(line) > 1:
+            draw.line(line, fill=colour, width=2)
+        if len(pts) <= 60:
+            for x, y in line:
+                draw.ellipse([x - 2, y - 2, x + 2, y + 2], fill=colour)
+    bottom = len(panels) * (height + pad)
+    draw.text((left, bottom), f"{x_lo:.0f}", fill="grey")
+    draw.text((width - right - 40, bottom), f"{x_hi:.0f}", fill="grey")
+    draw.text((width // 2 - 20, bottom), "iteration", fill="black")
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")

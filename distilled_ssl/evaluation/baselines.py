@@ -25,13 +25,13 @@ from ..data.sources import normalize
 from ..errors import ArtifactError, ConfigError
 from ..io import load_tensors
 from ..layout import INIT_FILE
+from ..models.pretrain import PretrainSet
 from ..models.probe import extract
 from ..registry import BASELINES
 from ..stages.context import RunContext
 from ..stages.init import high_loss_scores, load_init, top_k
 from ..stages.targets import load_targets
 from ..stages.teacher import load_teacher, resolve_weights
-from .protocol import PretrainSet
 
 __all__ = ["Baselines", "check_baselines", "init_label"]
 

@@ -1,8 +1,5 @@
-"""Pre-train on a (distilled or real) set with the KD objective, then measure what was learned.
-
-``pretrain_kd`` is MKDT.md stage 6: a fresh encoder trained with MSE to the set's target reps
-(SGD momentum 0.9, weight decay 1e-4, lr = the set's learned lr, no augmentation); the encoder's
-final linear layer maps its pooled features to the reps' size. Measures: ``teacher_fidelity``
+"""Measure what an encoder pre-trained on a set (:func:`distilled_ssl.models.pretrain.pretrain_kd`)
+learned. Measures: ``teacher_fidelity``
 (R² and mean cosine of the encoder's output against the teacher's reps on unseen images) and, per
 downstream set and label fraction (``downstream_metrics``), a linear probe, kNN and optionally
 fine-tuning, each on the same stratified, seeded label subset.
@@ -12,56 +9,15 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-from ..data.downstream import Downstream
+from ..data.downstream import Downstream, stratified_fraction
 from ..data.sources import ImageSet, normalize
 from ..errors import DivergenceError
-from ..models.encoders import Encoder, build_model, seeded
-from ..models.losses import kd_loss
+from ..models.encoders import Encoder, seeded
 from ..models.probe import extract, linear_probe
-
-
-@dataclass
-class PretrainSet:
-    """Images (normalised float [k, C, H, W]), their target reps [k, D] and the lr to train with."""
-
-    name: str
-    images: torch.Tensor
-    targets: torch.Tensor
-    lr: float
-    epochs: int | None = None  # None = the evaluation's default
-
-
-def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channels: int,
-                image_size: int, target_dim: int, epochs: int = 20, batch_size: int = 256,
-                seed: int = 0, device: str = "cpu") -> Encoder:
-    """A fresh encoder (seeded init) pre-trained with KD on ``pset`` (None: left at random init)."""
-    with seeded(seed):
-        model = build_model(arch, in_channels=in_channels, image_size=image_size,
-                            output_dim=target_dim, **kwargs).to(device)
-    if pset is None:
-        return model
-    opt = torch.optim.SGD(model.parameters(), lr=pset.lr, momentum=0.9, weight_decay=1e-4)
-    g = torch.Generator().manual_seed(seed)
-    x_all, y_all = pset.images.to(device), pset.targets.to(device)
-    model.train()
-    for _ in range(pset.epochs or epochs):
-        order = torch.randperm(len(x_all), generator=g).to(device)
-        for i in range(0, len(order), batch_size):
-            idx = order[i:i + batch_size]
-            if len(idx) < 2 and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
-                continue
-            loss = kd_loss(model(x_all[idx]), y_all[idx])
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-    if not all(torch.isfinite(p).all() for p in model.parameters()):
-        raise DivergenceError(f"pre-training on {pset.name} diverged (lr {pset.lr:.3g})")
-    return model.eval()
 
 
 @torch.no_grad()
@@ -90,17 +46,6 @@ def teacher_fidelity(model: Encoder, images: torch.Tensor, teacher_reps: torch.T
     sst = (teacher_reps - teacher_reps.mean(0)).pow(2).sum()
     cos = F.cosine_similarity(out, teacher_reps, dim=1).mean()
     return {"r2": float(1 - sse / sst), "cosine": float(cos)}
-
-
-def stratified_fraction(labels: torch.Tensor, fraction: float, seed: int) -> torch.Tensor:
-    """A seeded, class-stratified subset holding ``fraction`` of each class (at least one each)."""
-    g = torch.Generator().manual_seed(seed)
-    picked = []
-    for c in labels.unique().tolist():
-        members = (labels == c).nonzero().squeeze(1)
-        k = max(1, round(fraction * len(members)))
-        picked.append(members[torch.randperm(len(members), generator=g)[:k]])
-    return torch.cat(picked).sort().values
 
 
 def probe_accuracy(model: Encoder, train: ImageSet, test: ImageSet, fraction: float, seed: int, *,

@@ -20,13 +20,14 @@ from ..config import ModelConfig
 from ..data.downstream import Downstream, display_name, load_downstream, parse_names, validation_split
 from ..errors import ConfigError, DataNotFoundError, NotASetError
 from ..layout import DISTILLED_FILE, TEACHER_FILE
+from ..models.pretrain import PretrainSet, pretrain_kd
 from ..models.probe import extract
 from ..sets.artifact import DistilledSet, is_set_dir, load_distilled_file, read_set
 from ..sets.results import summarize
 from ..stages.context import RunContext
 from ..stages.teacher import load_teacher
 from .baselines import Baselines, init_label
-from .protocol import PretrainSet, downstream_metrics, pretrain_kd, recompute_bn_stats, teacher_fidelity
+from .protocol import downstream_metrics, recompute_bn_stats, teacher_fidelity
 from .report import write_results
 
 __all__ = ["downstream_sets", "encoder_label", "evaluate_run", "load_compare", "set_title"]

@@ -1,8 +1,12 @@
-"""Stage 4 — which real images start the synthetic set: high-loss (MKDT's default) or random.
+"""Stage 4 — which real images start the synthetic set: high-loss (MKDT's default), random, or
+k-means (representative).
 
 High-loss: every training example's KD loss under the experts' checkpoint at ``init.loss_epoch``
 (epoch 1 by default), averaged over experts; the top-k examples win. ``class_balanced`` takes the
 top k/C of each class instead (plain high-loss can pick one class almost only).
+
+K-means: k clusters of the teacher's representations (label-free, seeded), and for each the
+training image nearest to its centre: a subset that covers what the teacher knows.
 """
 
 from __future__ import annotations
@@ -47,12 +51,18 @@ def run_init(ctx: RunContext, *, force: bool = False) -> Path:
     if ic.class_balanced and labels is None:
         raise ConfigError("init.class_balanced needs a labelled source; set init.class_balanced=false")
     tensors: dict[str, torch.Tensor] = {}
-    if ic.method == "random":
-        scores = torch.rand(len(ctx.train_set), generator=ctx.generator("init", "random"))
+    if ic.method == "kmeans":
+        if ic.class_balanced:
+            raise ValueError("init.method=kmeans picks by the teacher's representations, not by "
+                             "class; set init.class_balanced=false")
+        index = kmeans_nearest(load_targets(ctx), k, ctx.generator("init", "kmeans"))
     else:
-        scores = high_loss_scores(ctx)
-        tensors["scores"] = scores
-    index = top_k(scores, k, labels if ic.class_balanced else None)
+        if ic.method == "random":
+            scores = torch.rand(len(ctx.train_set), generator=ctx.generator("init", "random"))
+        else:
+            scores = high_loss_scores(ctx)
+            tensors["scores"] = scores
+        index = top_k(scores, k, labels if ic.class_balanced else None)
     tensors["indices"] = index
     counts = torch.bincount(labels[index]).tolist() if labels is not None else None
     ctx.log.info("init: %s%s, %d images; per class: %s", ic.method,
@@ -80,6 +90,43 @@ def high_loss_scores(ctx: RunContext, batch_size: int = 1024) -> torch.Tensor:
             out = model(x)
             total[i:i + batch_size] += (out - reps[i:i + batch_size].to(dev)).pow(2).mean(1).cpu()
     return total / len(experts)
+
+
+@torch.no_grad()
+def kmeans_nearest(reps: torch.Tensor, k: int, generator: torch.Generator, *, iterations: int = 20,
+                   chunk: int = 4096) -> torch.Tensor:
+    """Seeded k-means (Lloyd) on the rows of ``reps``; the index of the row nearest to each of the
+    k centres (distinct, sorted). Distances are Euclidean: the KD loss is an MSE."""
+    x = reps.float()
+    n = len(x)
+    centres = x[torch.randperm(n, generator=generator)[:k]].clone()
+    sq = x.pow(2).sum(1)
+
+    def nearest_centre() -> torch.Tensor:
+        c_sq = centres.pow(2).sum(1)
+        return torch.cat([(c_sq - 2 * xb @ centres.T).argmin(1) for xb in x.split(chunk)])
+
+    for _ in range(iterations):
+        assign = nearest_centre()
+        counts = torch.bincount(assign, minlength=k)
+        sums = torch.zeros_like(centres).index_add_(0, assign, x)
+        filled = counts > 0  # an empty cluster keeps its centre
+        centres[filled] = sums[filled] / counts[filled].unsqueeze(1)
+    best_d = torch.full((k,), float("inf"))
+    best_i = torch.zeros(k, dtype=torch.long)
+    c_sq = centres.pow(2).sum(1)
+    for start in range(0, n, chunk):
+        d = sq[start:start + chunk, None] - 2 * x[start:start + chunk] @ centres.T + c_sq
+        dmin, imin = d.min(0)
+        better = dmin < best_d
+        best_d[better], best_i[better] = dmin[better], imin[better] + start
+    index = best_i.unique()
+    if len(index) < k:  # two centres share a nearest row: fill with random others
+        rest = torch.ones(n, dtype=torch.bool)
+        rest[index] = False
+        fill = rest.nonzero().squeeze(1)
+        index = torch.cat([index, fill[torch.randperm(len(fill), generator=generator)[:k - len(index)]]])
+    return index.sort().values
 
 
 def top_k(scores: torch.Tensor, k: int, labels: torch.Tensor | None = None) -> torch.Tensor:

@@ -5,12 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from distilled_ssl.evaluation.protocol import (
-    knn_accuracy,
-    linear_probe,
-    stratified_fraction,
-    teacher_fidelity,
-)
+from distilled_ssl.data.downstream import stratified_fraction
+from distilled_ssl.evaluation.protocol import knn_accuracy, linear_probe, teacher_fidelity
 from distilled_ssl.models.encoders import build_model
 
 

@@ -4,7 +4,9 @@ Learnable: images X [k, C, H, W] (normalised pixel space), target reps Y [k, D] 
 Each iteration takes the next expert (a fresh seeded order per cycle through all experts), a start
 checkpoint s uniform in [0, max_start_epoch), trains ``syn_steps`` SGD steps from theta_s on the
 synthetic set and matches theta_{s+expert_epochs} (see :mod:`distilled_ssl.stages.distill.matching`).
-X, Y and lr are updated with SGD (momentum 0.5). The state is checkpointed every
+X, Y and lr are updated with SGD (momentum 0.5), and by the priors of :mod:`.updates`. With
+``distill.eval_every`` the set is scored on held-out images as it goes (:mod:`.monitor`), and
+``distill.keep: best`` keeps the best snapshot. The state is checkpointed every
 ``checkpoint_every`` iterations; a rerun continues where it stopped, and raising
 ``distill.iterations`` continues a finished run. Output: ``distilled.safetensors`` and
 ``distilled.png``.
@@ -13,14 +15,16 @@ X, Y and lr are updated with SGD (momentum 0.5). The state is checkpointed every
 from __future__ import annotations
 
 import math
+import time
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from ...data.sources import normalize
 from ...errors import ArtifactError, ConfigError, DivergenceError
 from ...io import read_metadata, save_tensors
-from ...layout import DISTILLED_FILE, STATE_FILE
+from ...layout import CURVE_FILE, DISTILLED_FILE, STATE_FILE
 from ...models.encoders import FlatParams
 from ...registry import MATCHERS
 from ..context import RunContext, student_for
@@ -29,6 +33,8 @@ from ..init import load_init
 from ..targets import load_targets
 from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
 from .matching import minibatches
+from .monitor import KEEP_METRIC, SnapshotScorer, build_scorer, save_curve
+from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
 
 
 def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
@@ -73,6 +79,17 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                      span * sched.every, max_start, d.syn_steps, min(d.batch_syn, k))
     matcher = MATCHERS[d.mode]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
+    adam = {"images"} if d.image_optimizer == "adam" else set()
+    sq = {n: state.get(f"sq.{n}", torch.zeros_like(state[n])) for n in adam}
+    data = ctx.train_set
+    bounds = pixel_range(data.mean, data.std, dev) if d.clamp else None
+    start_images = normalize(data.images[index].to(dev), data.mean, data.std) if d.smooth else None
+    teacher = TeacherOnSet(ctx) if d.targets_anchor > 0 else None
+    scorer = build_scorer(ctx) if d.eval_every else None
+    curve: list[dict[str, Any]] = state["meta"].get("curve", [])
+    best = {n: state[f"best.{n}"] for n in ("images", "targets", "lr") if f"best.{n}" in state}
+    if scorer is not None and not curve:
+        _score(ctx, scorer, curve, best, 0, images, targets, lr, None)
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
     progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, d.iterations):
@@ -86,14 +103,23 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         loss = float(res.loss)
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
-                                     "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
+                                  "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
         with torch.no_grad():
             params = {"images": images, "targets": targets, "lr": lr}
             for name, grad in grads.items():
                 grad = _clip(grad, name, norms, d.clip_grad)
+                if name in adam:
+                    adam_step(params[name], grad, moms[name], sq[name], lrs[name], it + 1)
+                    continue
                 moms[name].mul_(d.momentum).add_(grad)
                 params[name].sub_(lrs[name] * moms[name])
             lr.clamp_(min=1e-8)
+            if d.smooth:  # smooth what distillation changed, not the real images it started from
+                images.add_(laplacian(images - start_images), alpha=d.smooth)
+            if bounds is not None:
+                images.clamp_(*bounds)
+            if teacher is not None:
+                targets.lerp_(teacher.reps(images), d.targets_anchor)
         history.append(loss)
         done = it + 1
         report = progress.record(done, loss)
@@ -102,15 +128,46 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
             ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
                          done, d.iterations, mean, s, float(lr), sec, eta)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
+        if scorer is not None and (done % d.eval_every == 0 or done == d.iterations):
+            _score(ctx, scorer, curve, best, done, images, targets, lr, history)
         if done % d.checkpoint_every == 0 or done == d.iterations:
+            extra = {f"sq.{n}": v for n, v in sq.items()}
+            extra.update({f"best.{n}": v for n, v in best.items()})
             _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
-                        {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp})
+                        {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp,
+                         "curve": curve}, extra)
     bar.close()
+    kept = None
+    if d.keep == "best" and best:
+        kept = max(curve, key=lambda p: p[KEEP_METRIC])
+        images, targets, lr = best["images"], best["targets"], best["lr"]
+        ctx.log.info("distill: keeping the snapshot of iteration %d (held-out fidelity R² %.4f)",
+                     kept["iteration"], kept[KEEP_METRIC])
+    if curve:
+        save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"])
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
                      extra={"num_experts": len(experts),
                             "matching_loss": {"first": rounded_mean(history[:10]),
-                                              "last": rounded_mean(history[-10:])}})
+                                              "last": rounded_mean(history[-10:])},
+                            **({"validation_curve": curve} if curve else {}),
+                            **({"kept_iteration": kept["iteration"]} if kept else {})})
     return out
+
+
+def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
+           best: dict[str, torch.Tensor], done: int, images: torch.Tensor, targets: torch.Tensor,
+           lr: torch.Tensor, history: list[float] | None) -> None:
+    """Score the current set on the held-out images; remember it when it is the best so far."""
+    t0 = time.perf_counter()
+    point: dict[str, Any] = {"iteration": done, **scorer(images, targets, lr)}
+    if history:
+        point["matching_loss"] = rounded_mean(history[-ctx.cfg.distill.eval_every:])
+    if not curve or point[KEEP_METRIC] > max(p[KEEP_METRIC] for p in curve):
+        best.update(images=images.clone(), targets=targets.clone(), lr=lr.clone())
+    curve.append(point)
+    ctx.log.info("distill %d: held-out %s (%.1f s)", done,
+                 ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k != "iteration"),
+                 time.perf_counter() - t0)
 
 
 def _expert_for(ctx: RunContext, experts: list[ExpertFile], it: int) -> ExpertFile:
@@ -133,7 +190,9 @@ def _clip(grad: torch.Tensor, name: str, norms: dict[str, float], factor: float 
 
 
 def _save_state(path: Path, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
-                moms: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+                moms: dict[str, torch.Tensor], meta: dict[str, Any],
+                extra: dict[str, torch.Tensor] | None = None) -> None:
     tensors = {"images": images, "targets": targets, "lr": lr}
     tensors.update({f"momentum.{n}": m for n, m in moms.items()})
+    tensors.update(extra or {})
     save_tensors(path, tensors, meta)

@@ -1,0 +1,104 @@
+"""Validation of a distilled set while it is being made (``distill.eval_every``).
+
+Every ``eval_every`` iterations stage 5 scores a snapshot of the set with a fast version of the
+evaluation protocol on the ``source.holdout`` images, which no stage trains on: a fresh
+evaluation encoder (``eval.model``, same seed every time, so snapshots are compared on equal
+terms) is pre-trained with KD on the snapshot for ``eval.epochs`` epochs, then measured by
+
+* ``fidelity_r2`` — R² of its output against the teacher's reps of (up to 2,000 of) the held-out
+  images, and
+* ``probe`` — a linear probe trained on a stratified ``eval.label_fractions[0]`` share of the
+  training labels (when the source has labels), tested on the held-out images.
+
+``distill.keep: best`` keeps the snapshot with the highest ``fidelity_r2``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ...data.downstream import stratified_fraction
+from ...data.viz import save_line_panels
+from ...errors import ConfigError, DivergenceError
+from ...layout import TEACHER_FILE
+from ...models.pretrain import PretrainSet, pretrain_kd
+from ...models.probe import extract, linear_probe
+from ..context import RunContext
+from ..teacher import load_teacher
+
+KEEP_METRIC = "fidelity_r2"
+EVAL_IMAGES = 2000  # held-out images a snapshot is scored on (at most)
+
+
+@dataclass
+class SnapshotScorer:
+    """Scores (normalised images, target reps, lr) snapshots on the held-out images."""
+
+    ctx: RunContext
+    val_images: torch.Tensor  # uint8 [n, C, H, W]
+    val_reps: torch.Tensor  # the teacher's reps of val_images
+    val_labels: torch.Tensor | None
+    probe_images: torch.Tensor | None  # labelled training images for the probe
+    probe_labels: torch.Tensor | None
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+        cfg, data = self.ctx.cfg, self.ctx.train_set
+        model_cfg = cfg.eval.model or cfg.student
+        c, h, _ = data.shape
+        dev = str(self.ctx.device)
+        pset = PretrainSet("snapshot", images.detach(), targets.detach(), float(lr))
+        try:
+            model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=c, image_size=h,
+                                target_dim=targets.shape[1], epochs=cfg.eval.epochs,
+                                batch_size=cfg.eval.batch_size,
+                                seed=self.ctx.seed_for("distill", "monitor"), device=dev)
+        except DivergenceError:
+            return {KEEP_METRIC: float("-inf")}
+        val_f = extract(model.eval().features, self.val_images, data.mean, data.std, device=dev)
+        with torch.no_grad():
+            pred = model.head(val_f.to(dev)).cpu()
+        sse = (pred - self.val_reps).pow(2).sum()
+        out = {KEEP_METRIC: float(1 - sse / (self.val_reps - self.val_reps.mean(0)).pow(2).sum())}
+        if self.probe_images is not None and self.val_labels is not None:
+            assert self.probe_labels is not None
+            train_f = extract(model.features, self.probe_images, data.mean, data.std, device=dev)
+            out["probe"] = linear_probe(train_f, self.probe_labels, val_f, self.val_labels)
+        return out
+
+
+def build_scorer(ctx: RunContext) -> SnapshotScorer:
+    """The scorer for a run: the teacher's reps of the held-out images, the probe's label subset."""
+    held = ctx.validation_set
+    if held is None:
+        raise ConfigError("distill.eval_every needs held-out images to score on: set source.holdout "
+                         "(e.g. 5000), or distill.eval_every=0")
+    if len(held) > EVAL_IMAGES:  # a fixed seeded share keeps each score to a few seconds
+        held = held.subset(torch.randperm(len(held), generator=ctx.generator("distill", "monitor",
+                                                                              "images"))[:EVAL_IMAGES])
+    c, h, _ = ctx.train_set.shape
+    dev = ctx.device
+    teacher, meta = load_teacher(ctx.path(TEACHER_FILE), in_channels=c, image_size=h, device=dev)
+    with torch.inference_mode():
+        reps = extract(teacher.features, held.images, tuple(meta["mean"]), tuple(meta["std"]),
+                       device=str(dev))
+    data = ctx.train_set
+    probe_images = probe_labels = None
+    if data.labels is not None and held.labels is not None:
+        idx = stratified_fraction(data.labels, ctx.cfg.eval.label_fractions[0],
+                                  ctx.seed_for("distill", "monitor", "labels"))
+        probe_images, probe_labels = data.images[idx], data.labels[idx]
+    return SnapshotScorer(ctx, held.images, reps, held.labels, probe_images, probe_labels)
+
+
+def save_curve(path: Path, curve: list[dict[str, Any]], losses: list[float], kept: int | None) -> None:
+    """PNG: validation fidelity (and probe) per iteration above the matching loss; a dashed line
+    marks the snapshot that was kept."""
+    titles = {KEEP_METRIC: "teacher fidelity R^2 (held-out images)", "probe": "linear probe (held-out)"}
+    panels = [(titles[m], [(float(p["iteration"]), float(p[m])) for p in curve if m in p])
+              for m in (KEEP_METRIC, "probe") if any(m in p for p in curve)]
+    panels.append(("matching loss", [(float(i + 1), v) for i, v in enumerate(losses)]))
+    save_line_panels(path, panels, marker=kept)

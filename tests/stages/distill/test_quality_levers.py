@@ -1,0 +1,180 @@
+"""Distillation quality levers: validation curve, keep best, clamp, smoothing, anchored targets,
+Adam on images, k-means init — each on the tiny synthetic set."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import same_artifact
+
+import distilled_ssl.stages.distill.mkdt as distill_mod
+from distilled_ssl.config import RunConfig
+from distilled_ssl.errors import ConfigError
+from distilled_ssl.io import load_tensors, read_metadata
+from distilled_ssl.pipeline import prepare_run, run_pipeline
+from distilled_ssl.stages.context import RunContext
+from distilled_ssl.stages.distill import run_distill
+from distilled_ssl.stages.distill.common import distill_fingerprint
+from distilled_ssl.stages.distill.monitor import build_scorer
+from distilled_ssl.stages.init import kmeans_nearest
+from distilled_ssl.stages.teacher import load_teacher
+
+
+def _monitored(cfg: RunConfig, **distill: object) -> RunConfig:
+    cfg.source.holdout = 40
+    cfg.distill.iterations = 6
+    cfg.distill.eval_every = 2
+    for k, v in distill.items():
+        setattr(cfg.distill, k, v)
+    return cfg
+
+
+def _run(cfg: RunConfig, out: Path) -> RunContext:
+    ctx = prepare_run(cfg, out, progress=False)
+    run_pipeline(ctx)
+    return ctx
+
+
+def test_eval_every_draws_the_curve_and_keep_best_keeps_the_best(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    cfg = _monitored(tiny_cfg, keep="best", lr_img=3e4)  # a large lr: later snapshots get worse
+    ctx = _run(cfg, tmp_path / "best")
+    meta = read_metadata(ctx.path("distilled.safetensors"))
+    curve = meta["validation_curve"]
+    assert [p["iteration"] for p in curve] == [0, 2, 4, 6]
+    assert all("fidelity_r2" in p and 0 <= p["probe"] <= 1 for p in curve)
+    best = max(curve, key=lambda p: p["fidelity_r2"])
+    assert meta["kept_iteration"] == best["iteration"]
+    assert ctx.path("curve.png").stat().st_size > 0
+    # The kept set scores what the curve says it scored.
+    tensors, _ = load_tensors(ctx.path("distilled.safetensors"))
+    data = ctx.train_set
+    m, s = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    again = build_scorer(ctx)((tensors["images"].float() - m) / s, tensors["targets"], tensors["lr"])
+    assert again["fidelity_r2"] == pytest.approx(best["fidelity_r2"], rel=2e-2, abs=2e-2)  # float16 pixels
+
+    last = _run(_monitored(tiny_config_like(cfg), keep="last", lr_img=3e4), tmp_path / "last")
+    last_meta = read_metadata(last.path("distilled.safetensors"))
+    assert "kept_iteration" not in last_meta
+    assert [p["fidelity_r2"] for p in last_meta["validation_curve"]] == [p["fidelity_r2"] for p in curve]
+    if best["iteration"] != 6:
+        assert not same_artifact(ctx.path("distilled.safetensors"), last.path("distilled.safetensors"))
+
+
+def tiny_config_like(cfg: RunConfig) -> RunConfig:
+    return RunConfig.from_dict(cfg.to_dict())
+
+
+def test_monitored_run_resumes_to_the_same_set(tiny_cfg: RunConfig, tmp_path: Path,
+                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    cfg = _monitored(tiny_cfg, keep="best", clamp=True, smooth=0.1, targets_anchor=0.2,
+                     image_optimizer="adam", lr_img=0.05)
+    straight = _run(cfg, tmp_path / "straight")
+
+    ctx = prepare_run(tiny_config_like(cfg), tmp_path / "resumed", progress=False)
+    run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
+    calls = {"n": 0}
+    real = distill_mod.minibatches
+
+    def crash_at_five(*args: object, **kwargs: object) -> list[torch.Tensor]:
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(distill_mod, "minibatches", crash_at_five)
+    with pytest.raises(KeyboardInterrupt):
+        run_distill(ctx)
+    monkeypatch.setattr(distill_mod, "minibatches", real)
+    run_distill(ctx)
+    assert same_artifact(straight.path("distilled.safetensors"), ctx.path("distilled.safetensors"))
+
+
+def test_clamp_keeps_pixels_in_range(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    tiny_cfg.distill.lr_img = 3e4
+    free = _run(tiny_cfg, tmp_path / "free")
+    free_px = load_tensors(free.path("distilled.safetensors"))[0]["images"].float()
+    assert free_px.min() < -0.01 or free_px.max() > 1.01  # the lever has something to do
+    tiny_cfg.distill.clamp = True
+    clamped = _run(tiny_cfg, tmp_path / "clamped")
+    px = load_tensors(clamped.path("distilled.safetensors"))[0]["images"].float()
+    assert px.min() >= -1e-3 and px.max() <= 1 + 1e-3
+
+
+def test_smoothing_changes_the_images_less_sharply(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    tiny_cfg.distill.lr_img = 3e4
+    rough = _run(tiny_cfg, tmp_path / "rough")
+    tiny_cfg.distill.smooth = 0.25
+    smooth = _run(tiny_cfg, tmp_path / "smooth")
+    init = rough.train_set.images[load_tensors(rough.path("init.safetensors"))[0]["indices"]].float() / 255
+
+    def roughness(ctx: RunContext) -> float:
+        delta = load_tensors(ctx.path("distilled.safetensors"))[0]["images"].float() - init
+        return float((delta[..., 1:, :] - delta[..., :-1, :]).abs().mean() / delta.abs().mean())
+
+    assert roughness(smooth) < 0.8 * roughness(rough)
+
+
+def test_full_anchor_makes_targets_the_teachers_reps(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    tiny_cfg.distill.targets_anchor = 1.0
+    ctx = _run(tiny_cfg, tmp_path / "anchored")
+    tensors, _ = load_tensors(ctx.path("distilled.safetensors"))
+    teacher, tmeta = load_teacher(ctx.path("teacher.safetensors"))
+    # The last update re-labelled the final images (float16 storage of the pixels aside).
+    pixels = tensors["images"].float()
+    m, s = (torch.tensor(v).view(1, -1, 1, 1) for v in (tmeta["mean"], tmeta["std"]))
+    with torch.no_grad():
+        reps = teacher.features((pixels - m) / s)
+    assert torch.allclose(tensors["targets"], reps, atol=1e-2, rtol=1e-2)
+
+
+def test_adam_on_images_moves_them(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    tiny_cfg.distill.image_optimizer = "adam"
+    tiny_cfg.distill.lr_img = 0.05
+    ctx = _run(tiny_cfg, tmp_path / "adam")
+    init = ctx.train_set.images[load_tensors(ctx.path("init.safetensors"))[0]["indices"]].float() / 255
+    px = load_tensors(ctx.path("distilled.safetensors"))[0]["images"].float()
+    step = (px - init).abs().mean() / ctx.train_set.std[0]  # in normalised units
+    assert 0.01 < step < 4 * 0.05 * tiny_cfg.distill.iterations
+
+
+def test_kmeans_picks_one_image_per_cluster() -> None:
+    g = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0], [10.0, 10.0]])
+    points = torch.cat([c + 0.1 * torch.randn(50, 2, generator=g) for c in centres])
+    index = kmeans_nearest(points, 4, torch.Generator().manual_seed(1))
+    assert len(index) == 4 and torch.equal(index, index.sort().values)
+    assert sorted((index // 50).tolist()) == [0, 1, 2, 3]  # one per cluster
+    assert len(kmeans_nearest(points, 200, torch.Generator().manual_seed(1)).unique()) == 200
+
+
+def test_kmeans_init_runs_in_the_pipeline(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    tiny_cfg.init.method = "kmeans"
+    tiny_cfg.init.class_balanced = False
+    ctx = _run(tiny_cfg, tmp_path / "kmeans")
+    meta = read_metadata(ctx.path("init.safetensors"))
+    assert meta["method"] == "kmeans" and sum(meta["class_counts"]) == 12
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("distill.keep=best", "eval_every"),
+    ("distill.eval_every=5", "source.holdout"),
+    ("distill.smooth=0.5", "distill.smooth"),
+    ("distill.targets_anchor=2", "distill.targets_anchor"),
+    ("distill.image_optimizer=lbfgs", "distill.image_optimizer"),
+    ("init.method=kcentre", "init.method"),
+])
+def test_bad_lever_values_are_refused(tiny_cfg: RunConfig, override: str, message: str) -> None:
+    with pytest.raises(ConfigError, match=message):
+        tiny_cfg.override([override]).validate()
+
+
+def test_new_fields_at_their_defaults_keep_old_fingerprints(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    ctx = prepare_run(tiny_cfg, tmp_path / "fp", progress=False)
+    run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
+    before = distill_fingerprint(ctx)
+    ctx.cfg.distill.eval_every = 0  # unchanged default
+    assert distill_fingerprint(ctx) == before
+    ctx.cfg.distill.clamp = True
+    assert distill_fingerprint(ctx) != before
