@@ -7,11 +7,14 @@ teacher, target reps and experts (hard links, so no stage runs twice):
 * ``OUT/mkdt-random``  — MKDT from a plain random init (``OUT/mkdt-high-loss``, from the
   class-balanced high-loss init, when the preset's init is random): the paper reports both;
 * ``OUT/krr-st``       — KRR-ST from a plain random init (``distill.method=krr_st``);
+* ``OUT/mkdt-long``    — with ``--long PRESET``: a copy of ``OUT/mkdt`` continued to that preset's
+  iterations (``cpu-fmnist-2pct-long`` continues ``cpu-fmnist-2pct``: same settings, 4x the budget);
 
 then ``evaluate_run`` on ``OUT/mkdt`` with every baseline and the two other sets, and prints /
 writes the table, the "window closed" figures and the plot.
 
-    python benchmarks/quality.py --out runs/quality                  # the cpu-fmnist-2pct preset
+    python benchmarks/quality.py --out runs/quality --long cpu-fmnist-2pct-long
+    python benchmarks/quality.py --out runs/q --no-siblings --baselines none,random,init,full,teacher
     python benchmarks/quality.py --out runs/q --preset smoke --seeds 1 --set eval.full_epochs=1
 """
 
@@ -47,6 +50,15 @@ def window_closed(summary: list[dict[str, Any]], encoder: str, metric: str, low:
     if low not in by or high not in by or by[high] == by[low]:
         return {}
     return {name: (v - by[low]) / (by[high] - by[low]) for name, v in by.items()}
+
+
+def margin_in_sd(summary: list[dict[str, Any]], encoder: str, metric: str, low: str) -> dict[str, float]:
+    """Per set: (set - low) on ``metric`` in units of the larger of the two standard deviations."""
+    by = {s["set"]: s[metric] for s in summary if s["encoder"] == encoder and metric in s}
+    if low not in by:
+        return {}
+    ref = by[low]
+    return {name: (v["mean"] - ref["mean"]) / max(v["std"], ref["std"], 1e-12) for name, v in by.items()}
 
 
 def link_shared(src: Path, dst: Path) -> None:
@@ -89,6 +101,12 @@ def main() -> None:
     ap.add_argument("--label-fractions", default="0.01,0.1")
     ap.add_argument("--cross-arch", default="student",
                     help="A second evaluation encoder ('student' = the distillation ConvNet; empty: none).")
+    ap.add_argument("--long", default=None, metavar="PRESET",
+                    help="Also continue a copy of the preset's run to this preset's iterations (same "
+                         "settings otherwise) and compare it.")
+    ap.add_argument("--siblings", action=argparse.BooleanOptionalAction, default=True,
+                    help="Distil and compare MKDT from the other init and KRR-ST.")
+    ap.add_argument("--baselines", default=",".join(BASELINES), help="Baselines to evaluate.")
     ap.add_argument("--krr-iterations", type=int, default=None, help="KRR-ST outer steps (default: preset).")
     ap.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                     help="Config override for every run.")
@@ -102,29 +120,42 @@ def main() -> None:
     out = args.out
     t_all = time.perf_counter()
     times = {"mkdt": _run(base, out / "mkdt", "mkdt")}
-    random_init = ["init.method=random", "init.class_balanced=false"]
-    # MKDT from the other init (the paper reports random and high-loss init)
-    other_init = (["init.method=high_loss", "init.class_balanced=true"]
-                  if base.init.method == "random" else random_init)
-    sibling = "mkdt-high-loss" if base.init.method == "random" else "mkdt-random"
-    link_shared(out / "mkdt", out / sibling)
-    times[sibling] = _run(base.override(other_init), out / sibling, sibling)
-    link_shared(out / "mkdt", out / "krr-st")
-    krr = base.override([*random_init, "distill.method=krr_st"])
-    if args.krr_iterations is not None:
-        krr = krr.override([f"distill.iterations={args.krr_iterations}"])
-    times["krr-st"] = _run(krr, out / "krr-st", "krr-st", stages=["teacher", "targets", "init", "distill"])
+    compare: list[Path] = []
+    if args.long:
+        long_cfg = load_preset(args.long).override(args.overrides)
+        if not (out / "mkdt-long").exists():  # continue the preset's run (its state and curve)
+            shutil.copytree(out / "mkdt", out / "mkdt-long", copy_function=_link_or_copy,
+                            ignore=shutil.ignore_patterns("results.*", "distilled.*", "curve.png",
+                                                          "run.log", "config.yaml"))
+        times["mkdt-long"] = _run(long_cfg, out / "mkdt-long", "mkdt-long")
+        compare.append(out / "mkdt-long")
+    if args.siblings:
+        random_init = ["init.method=random", "init.class_balanced=false"]
+        # MKDT from the other init (the paper reports random and high-loss init)
+        other_init = (["init.method=high_loss", "init.class_balanced=true"]
+                      if base.init.method == "random" else random_init)
+        sibling = "mkdt-high-loss" if base.init.method == "random" else "mkdt-random"
+        link_shared(out / "mkdt", out / sibling)
+        times[sibling] = _run(base.override(other_init), out / sibling, sibling)
+        link_shared(out / "mkdt", out / "krr-st")
+        krr = base.override([*random_init, "distill.method=krr_st"])
+        if args.krr_iterations is not None:
+            krr = krr.override([f"distill.iterations={args.krr_iterations}"])
+        times["krr-st"] = _run(krr, out / "krr-st", "krr-st",
+                               stages=["teacher", "targets", "init", "distill"])
+        compare += [out / sibling, out / "krr-st"]
 
     cfg = base.override([f"eval.seeds={args.seeds}"])
     ec = cfg.eval
-    ec.baselines = BASELINES + ([f"full:{args.weak_teacher}"] if args.weak_teacher else [])
+    ec.baselines = [b for b in args.baselines.split(",") if b] + (
+        [f"full:{args.weak_teacher}"] if args.weak_teacher else [])
     ec.downstream = [d for d in args.downstream.split(",") if d]
     ec.label_fractions = [float(f) for f in args.label_fractions.split(",")]
     ec.extra_models = [parse_arch(args.cross_arch, cfg.student)] if args.cross_arch else []
     ctx = prepare_run(cfg, out / "mkdt", progress=False)
     t0 = time.perf_counter()
     with run_log(ctx):
-        result = evaluate_run(ctx, compare=[out / sibling, out / "krr-st"])
+        result = evaluate_run(ctx, compare=compare)
     times["evaluate"] = {"total": time.perf_counter() - t0}
 
     table = format_table(result)
@@ -135,10 +166,14 @@ def main() -> None:
     lines = [f"Window closed = (set - random) / (full KD - random), encoder {enc}:", "",
              "| set | " + " | ".join(PRIMARY) + " |", "|---" * (len(PRIMARY) + 1) + "|"]
     closed = {m: window_closed(result["summary"], enc, m, low, high) for m in PRIMARY}
+    margins = {m: margin_in_sd(result["summary"], enc, m, low) for m in PRIMARY}
     for s in dict.fromkeys(x["set"] for x in result["summary"]):
         if s.startswith(("MKDT", "KRR-ST", "high-loss", "init")):
-            lines.append(f"| {s} | " + " | ".join(f"{closed[m][s]:+.2f}" if s in closed[m] else "-"
-                                                  for m in PRIMARY) + " |")
+            lines.append(f"| {s} | " + " | ".join(
+                f"{closed[m][s]:+.2f} ({margins[m][s]:+.1f} sd)" if s in closed[m] else "-"
+                for m in PRIMARY) + " |")
+    lines += ["", "(sd) = (set - random) / the larger of the two sets' standard deviations over seeds; "
+              "the issue's bar is > 2 sd and a window closed >= 0.50 on every column."]
     stage_lines = [f"- {name}: " + ", ".join(f"{k} {v:.0f} s" for k, v in t.items())
                    for name, t in times.items()]
     header = (f"# Quality benchmark: preset {args.preset}, {args.seeds} seeds\n\n"
