@@ -1,5 +1,5 @@
 """The ``distilled-ssl`` group: ``run``, one command per stage, ``demo`` and ``presets``; the
-``evaluate`` (:mod:`.evaluate`) and Hub (:mod:`.hub`) commands join it here."""
+``evaluate`` (:mod:`.evaluate`), ``export`` (:mod:`.export`) and Hub (:mod:`.hub`) commands join it here."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from ..stages.context import RunContext
 from ._errors import user_errors
 from ._options import non_empty_path, run_options, start
 from .evaluate import evaluate
+from .export import export
 from .hub import HUB_COMMANDS
 
 DEMO_PRESET = "cpu-fmnist-2pct"
@@ -119,5 +120,6 @@ def presets_show(name: str) -> None:
 
 
 main.add_command(evaluate)
+main.add_command(export)
 for _command in HUB_COMMANDS:
     main.add_command(_command)

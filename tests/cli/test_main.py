@@ -155,3 +155,45 @@ def test_a_refused_rerun_writes_nothing(tiny_cfg: RunConfig, tmp_path: Path) -> 
     assert (out / "config.yaml").read_text() == before
     res = runner.invoke(main, ["teacher", "--out", str(out)])  # the plain rerun still works
     assert res.exit_code == 0, res.output
+
+
+def test_export_writes_a_set_folder_or_an_image_folder(tmp_path: Path) -> None:
+    import json
+
+    from hub_fixtures import make_distilled_file
+    from torchvision.datasets import ImageFolder
+
+    from distilled_ssl import DistilledDataset, write_set
+
+    run = make_distilled_file(tmp_path / "run")
+    runner = CliRunner()
+    res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "set"), "--repo-id", "me/x"])
+    assert res.exit_code == 0, res.output
+    ds = DistilledDataset.from_local(tmp_path / "set")
+    assert len(ds) == 12 and 'from_hub("me/x")' in ds.card
+    assert callable(write_set)
+    _one_line_error(runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "set")]), "not empty")
+    res = runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "set"), "--force"])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(main, ["export", str(tmp_path / "set"), "--out", str(tmp_path / "img"),
+                               "--image-folder"])
+    assert res.exit_code == 0 and "12 images in 3 class folder(s)" in res.output, res.output
+    assert ImageFolder(str(tmp_path / "img")).classes == ["Pullover", "T-shirt_top", "Trouser"]
+    assert len(json.loads((tmp_path / "img" / "files.json").read_text())["files"]) == 12
+    _one_line_error(runner.invoke(main, ["export", str(run), "--out", str(tmp_path / "img"),
+                                         "--image-folder"]), "not empty")
+    _one_line_error(runner.invoke(main, ["export", str(run), "--out", ""]), "empty path")
+
+
+def test_info_reports_the_set_size_and_missing_paths(tmp_path: Path) -> None:
+    import json
+
+    from hub_fixtures import make_distilled_file
+
+    run = make_distilled_file(tmp_path / "run")
+    (run / "experts").mkdir()
+    (run / "experts" / "expert_00000.safetensors").write_bytes(b"x" * 5_000_000)  # a big run
+    res = CliRunner().invoke(main, ["info", str(run), "--json"])
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout)["size_bytes"] == (run / "distilled.safetensors").stat().st_size
+    _one_line_error(CliRunner().invoke(main, ["info", str(tmp_path / "nope" / "x")]), "does not exist")
