@@ -220,6 +220,13 @@ class DistilledDataset(VisionDataset):
         return int(self.target_reps.shape[1])
 
     @property
+    def lr_batch_size(self) -> int | None:
+        """The batch size the learned ``lr`` was learned at (MKDT's ``distill.batch_syn``, at most
+        the set's size); None when the set does not record it."""
+        batch = self.metadata.get("config", {}).get("distill", {}).get("batch_syn")
+        return min(int(batch), len(self)) if isinstance(batch, int) else None
+
+    @property
     def targets(self) -> torch.Tensor | list[int]:
         """Every item's target, per ``target_type`` (torchvision's ``targets``): the target reps
         [k, D], the labels, the indices, or ``-1`` each for "none"."""

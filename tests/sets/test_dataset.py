@@ -244,10 +244,62 @@ def test_example_pretrain_kd_resnet18(tiny_set: Path, tmp_path: Path) -> None:
     assert "layer4.1.conv2.weight" in load_file(str(tmp_path / "enc.safetensors"))
 
 
-def test_example_lightly_two_view(tiny_run: Path) -> None:
-    loss = _example("lightly_two_view").main([str(tiny_run), "--epochs", "2", "--workers", "2",
-                                               "--batch-size", "6"])
+def test_example_lightly_barlow_twins(tiny_run: Path) -> None:
+    pytest.importorskip("lightly")
+    loss = _example("lightly_barlow_twins").main([str(tiny_run), "--epochs", "2", "--workers", "2",
+                                                   "--batch-size", "6"])
     assert np.isfinite(loss)
+
+
+def _torchvision_version(name: str) -> tuple[str, int]:
+    """The example with every line after a ``# torchvision:`` comment replaced by that comment."""
+    lines = (EXAMPLES / f"{name}.py").read_text().splitlines()
+    out, swapped = [], 0
+    for i, line in enumerate(lines):
+        if i and lines[i - 1].lstrip().startswith("# torchvision: "):
+            indent = line[: len(line) - len(line.lstrip())]
+            out.append(indent + lines[i - 1].split("# torchvision: ", 1)[1])
+            swapped += 1
+        else:
+            out.append(line)
+    return "\n".join(out), swapped
+
+
+def test_lightly_example_is_the_torchvision_script_but_the_dataset_line(
+        tiny_run: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    pytest.importorskip("lightly")
+    import torchvision
+
+    code, swapped = _torchvision_version("lightly_barlow_twins")
+    assert swapped == 2  # the dataset line and the normalisation
+    assert "DistilledDataset.open" not in code.split("def main", 1)[1]
+    seen = {}
+
+    def fashion_mnist(root: str, download: bool = False, transform=None):  # offline stand-in, 28x28 L
+        seen["root"] = root
+        return torchvision.datasets.FakeData(size=12, image_size=(1, 28, 28), transform=transform)
+
+    monkeypatch.setattr(torchvision.datasets, "FashionMNIST", fashion_mnist)
+    ns: dict = {"__name__": "torchvision_version"}
+    exec(compile(code, "lightly_barlow_twins_torchvision", "exec"), ns)
+    assert np.isfinite(ns["main"]([str(tiny_run), "--epochs", "1", "--workers", "0", "--batch-size", "6"]))
+    assert seen["root"] == "datasets/fashion-mnist"
+
+
+def test_example_timm_kd(tiny_set: Path, tmp_path: Path) -> None:
+    pytest.importorskip("timm")
+    from safetensors.torch import load_file
+
+    assert _torchvision_version("timm_kd")[1] == 2  # the dataset line and the normalisation
+    loss = _example("timm_kd").main([str(tiny_set), "--epochs", "2", "--workers", "0",
+                                     "--save", str(tmp_path / "enc.safetensors")])
+    assert np.isfinite(loss)
+    weights = load_file(str(tmp_path / "enc.safetensors"))
+    assert weights["conv1.weight"].shape[1] == 1 and "fc.weight" not in weights
+
+
+def test_lr_batch_size_comes_from_the_set(tiny_set: Path) -> None:
+    assert DistilledDataset(tiny_set).lr_batch_size is None  # the fixture records no batch_syn
 
 
 def test_example_export_image_folder(tiny_set: Path, tmp_path: Path) -> None:
