@@ -44,6 +44,7 @@ _LAZY: dict[str, str] = {
     "match_unrolled": "stages.distill.matching",
     "DistilledDataset": "sets.dataset",
     "push_to_hub": "sets.hub",
+    "write_set": "sets.artifact",
     "format_table": "sets.results",
     "PretrainSet": "models.pretrain",
     "downstream_metrics": "evaluation.protocol",
@@ -99,6 +100,7 @@ __all__ = [
     "run_targets",
     "run_teacher",
     "teacher_fidelity",
+    "write_set",
 ]
 
 
@@ -128,6 +130,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .models.pretrain import PretrainSet, pretrain_kd
     from .models.probe import linear_probe
     from .pipeline import STAGES, prepare_run, run_pipeline
+    from .sets.artifact import write_set
     from .sets.dataset import DistilledDataset
     from .sets.hub import push_to_hub
     from .sets.results import format_table

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import re
 from dataclasses import asdict, dataclass, field, fields
 from importlib import resources
@@ -258,6 +259,11 @@ class RunConfig:
         _non_negative(self, "distill.krr_st.weight_decay", "distill.krr_st.model_lr",
                       "distill.krr_st.model_momentum", "distill.krr_st.model_weight_decay",
                       "eval.knn_k", "eval.finetune_epochs")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads must be >= 1 or null (torch's default), got {self.threads}")
+        if not self.teacher.projector or not all(d >= 1 for d in self.teacher.projector):
+            raise ConfigError("teacher.projector must be a non-empty list of layer widths >= 1, got "
+                              f"{self.teacher.projector}")
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.teacher.mode == "load" and not self.teacher.weights:
@@ -404,9 +410,11 @@ def _coerce(hint: Any, value: Any, path: str) -> Any:
         return value
     if hint is float:
         if isinstance(value, str) and _FLOAT_TEXT.fullmatch(value.strip()):
-            return float(value)  # YAML 1.1 reads "3e4" (no dot) as a string
+            value = float(value)  # YAML 1.1 reads "3e4" (no dot) as a string
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{path} must be a number, got {value!r}")
+        if not math.isfinite(value):
+            raise ConfigError(f"{path} must be a finite number, got {value!r}")
         return float(value)
     if hint is str:
         if not isinstance(value, str):

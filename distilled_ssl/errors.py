@@ -57,6 +57,11 @@ class OutputExistsError(DistilledSSLError, FileExistsError):
     """An output folder exists and is not empty (pass ``overwrite``/``--force`` to replace it)."""
 
 
+class StorageError(DistilledSSLError, OSError):
+    """A file or folder cannot be created or written: no space left, read-only or not permitted,
+    a name too long, or a file where a folder should be."""
+
+
 class HubError(DistilledSSLError, RuntimeError):
     """A Hub operation failed; the message says why and what to do."""
 

@@ -16,19 +16,29 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
-from .errors import ConfigError
+from .errors import ArtifactError, ConfigError, DeviceError
 from .evaluation.run import evaluate_run
-from .io import atomic_path
-from .layout import CONFIG_FILE, EXPERTS_DIR, LOG_FILE, RESULTS_FILE
+from .io import atomic_path, check_fingerprint, read_metadata, storage_error
+from .layout import (
+    CONFIG_FILE,
+    EXPERTS_DIR,
+    INIT_FILE,
+    LOG_FILE,
+    RESULTS_FILE,
+    STATE_FILE,
+    TARGETS_FILE,
+    TEACHER_FILE,
+)
 from .registry import Registry
 from .stages.context import LOGGER_NAME, RunContext
 from .stages.distill import run_distill
-from .stages.experts import list_experts, run_experts
-from .stages.init import run_init
-from .stages.targets import run_targets
-from .stages.teacher import run_teacher
+from .stages.distill.common import distill_fingerprint
+from .stages.experts import check_expert, expert_path, experts_fingerprint, list_experts, run_experts
+from .stages.init import init_fingerprint, run_init
+from .stages.targets import run_targets, targets_fingerprint
+from .stages.teacher import run_teacher, teacher_fingerprint
 
-__all__ = ["BUILD_STAGES", "STAGES", "prepare_run", "run_log", "run_pipeline"]
+__all__ = ["BUILD_STAGES", "STAGES", "check_device", "prepare_run", "run_log", "run_pipeline"]
 
 
 def _experts_then_check(ctx: RunContext, *, force: bool = False) -> Path:
@@ -37,8 +47,8 @@ def _experts_then_check(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("experts: skipped: distill.method=krr_st needs no expert trajectories and "
                      "init.method=random needs no expert losses")
         return ctx.path(EXPERTS_DIR)
-    run_experts(ctx, force=force)
-    list_experts(ctx)  # all experts finished (others may be trained by other processes)
+    run_experts(ctx, force=force)  # waits for experts that other processes are training
+    list_experts(ctx, verify=False)  # all experts finished (run_experts verified them)
     return ctx.path(EXPERTS_DIR)
 
 
@@ -59,22 +69,88 @@ STAGES: Registry[Callable[..., Path]] = Registry("stage", {
 BUILD_STAGES = ("teacher", "targets", "experts", "init", "distill")  # what makes the distilled set
 
 
-def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True) -> RunContext:
-    """Validate ``cfg``, create ``out_dir`` and write the resolved ``config.yaml`` into it."""
+def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
+                force: bool = False) -> RunContext:
+    """Validate ``cfg`` and the device, create ``out_dir`` and write the resolved ``config.yaml``.
+
+    When ``out_dir`` already holds a run made with another configuration, the artifacts the stages
+    would reuse are checked first (unless ``force``: they will be rebuilt): a refused change raises
+    before anything is written, so a plain rerun still finds the old ``config.yaml``.
+    """
+    if not str(out_dir).strip():
+        raise ConfigError("the run directory (--out) is an empty path; name a folder")
     cfg.validate()
-    ctx = RunContext(cfg, Path(out_dir), progress=progress)
-    with atomic_path(ctx.path(CONFIG_FILE)) as tmp:
-        tmp.write_text(cfg.to_yaml())
+    check_device(cfg.device)
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"the run directory {out} is a file; name a folder (--out)")
+    config_file = out / CONFIG_FILE
+    text = cfg.to_yaml()
+    changed = config_file.is_file() and config_file.read_text(encoding="utf-8") != text
+    try:
+        ctx = RunContext(cfg, out, progress=progress)
+        if changed and not force:
+            _check_reuse(ctx)
+        if not config_file.is_file() or changed:
+            with atomic_path(config_file) as tmp:
+                tmp.write_text(text, encoding="utf-8")
+    except OSError as exc:
+        raise (storage_error(exc, out) or exc) from exc
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
     return ctx
+
+
+def check_device(device: str) -> None:
+    """``DeviceError`` unless this machine's PyTorch can run on ``device`` (cpu, cuda[:N], mps)."""
+    try:
+        dev = torch.device(device)
+    except RuntimeError as exc:
+        raise ConfigError(f"device {device!r} is not a device name ({exc}); use cpu, cuda or cuda:N") from exc
+    if dev.type == "cuda":
+        if not torch.cuda.is_available():
+            raise DeviceError(f"device {device!r} asked for but CUDA is not available; use --device cpu")
+        if dev.index is not None and dev.index >= torch.cuda.device_count():
+            raise DeviceError(f"device {device!r} asked for but this machine has "
+                              f"{torch.cuda.device_count()} CUDA device(s)")
+    elif dev.type == "mps":
+        mps = getattr(torch.backends, "mps", None)
+        if mps is None or not mps.is_available():
+            raise DeviceError(f"device {device!r} asked for but this PyTorch has no MPS (Apple GPU) "
+                              "support here; use --device cpu")
+
+
+def _check_reuse(ctx: RunContext) -> None:
+    """Raise the error a stage would raise for an artifact this configuration may not reuse
+    (fingerprints only; up to the first stage whose input is missing)."""
+    if not ctx.path(TEACHER_FILE).exists():
+        return
+    check_fingerprint(ctx.path(TEACHER_FILE), teacher_fingerprint(ctx), "teacher", verify=False)
+    if not ctx.path(TARGETS_FILE).exists():
+        return
+    check_fingerprint(ctx.path(TARGETS_FILE), targets_fingerprint(ctx), "targets", verify=False)
+    cfg = ctx.cfg
+    if not (cfg.distill.method == "krr_st" and cfg.init.method == "random"):
+        fp = experts_fingerprint(ctx)
+        for k in range(cfg.experts.num_experts):
+            path = expert_path(ctx, k)
+            if path.exists():
+                check_expert(ctx, path, read_metadata(path), fp)
+    check_fingerprint(ctx.path(INIT_FILE), init_fingerprint(ctx), "init", verify=False)
+    state = ctx.path(STATE_FILE)
+    if state.exists() and read_metadata(state).get("fingerprint") != distill_fingerprint(ctx):
+        raise ArtifactError(f"{state} belongs to a run with a different configuration; re-run with "
+                            "--force or use a new --out directory")
 
 
 @contextlib.contextmanager
 def run_log(ctx: RunContext) -> Iterator[None]:
     """Append the library's log records to ``RUN_DIR/run.log`` while the block runs."""
     logger = logging.getLogger(LOGGER_NAME)
-    handler = logging.FileHandler(ctx.path(LOG_FILE))
+    try:
+        handler = logging.FileHandler(ctx.path(LOG_FILE))
+    except OSError as exc:
+        raise (storage_error(exc, ctx.path(LOG_FILE)) or exc) from exc
     handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s"))
     logger.addHandler(handler)
     if logger.level == logging.NOTSET or logger.level > logging.INFO:

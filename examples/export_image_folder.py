@@ -1,8 +1,11 @@
 """(c) Feed a path-based codebase: export a distilled set as an ImageFolder and train from paths.
 
-``export_image_folder`` writes ``OUT/<class>/<index>.png`` (one folder per source label, or
-``unlabeled``), ``OUT/targets.npy`` (target reps in ImageFolder order) and ``OUT/files.json``.
-Codebases such as solo-learn take ``--train_data_path OUT`` with ``data_format=image_folder``.
+``export_image_folder`` writes ``OUT/<class>/<index>.png`` (one folder per class, named by the class
+name when the source's names are known, or ``unlabeled``), ``OUT/targets.npy`` (target reps in
+ImageFolder order) and ``OUT/files.json``; ``OUT`` must be new or empty. The same from the shell:
+``distilled-ssl export RUN --out OUT --image-folder``. ImageFolder loads RGB: greyscale sets need
+``Grayscale()``. Codebases such as solo-learn take ``--train_data_path OUT`` with
+``data_format=image_folder``.
 
     python examples/export_image_folder.py fmnist-mkdt-2pct out/fmnist-images
 """

@@ -42,6 +42,11 @@ def test_overrides_parse_values_and_reject_unknown_keys() -> None:
     ("device=tpu", "device must be"),
     ("teacher.mode=load", "teacher.mode=load needs teacher.weights"),
     ("distill.clip_grad=0", "clip_grad must be > 0"),
+    ("threads=0", "threads must be >= 1"),
+    ("distill.expert_epochs=.nan", "distill.expert_epochs must be a finite number"),
+    ("distill.lr_img=.inf", "distill.lr_img must be a finite number"),
+    ("teacher.projector=[0]", "teacher.projector must be a non-empty list"),
+    ("teacher.projector=[]", "teacher.projector must be a non-empty list"),
 ])
 def test_bad_values_get_clear_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):

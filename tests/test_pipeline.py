@@ -54,9 +54,39 @@ def test_changed_config_is_not_silently_reused(finished_run: RunContext, tmp_pat
 
     copy = tmp_path / "copy"
     shutil.copytree(finished_run.run_dir, copy)
-    ctx = prepare_run(finished_run.cfg.override(["teacher.epochs=4"]), copy, progress=False)
-    with pytest.raises(ArtifactError, match="different configuration"):
-        run_pipeline(ctx, stages=["teacher"])
+    before = (copy / "config.yaml").read_text()
+    with pytest.raises(ArtifactError, match="teacher stage with a different configuration"):
+        prepare_run(finished_run.cfg.override(["teacher.epochs=4"]), copy, progress=False)
+    assert (copy / "config.yaml").read_text() == before  # a refused run writes nothing
+    with pytest.raises(ArtifactError, match="experts.*different configuration"):
+        prepare_run(finished_run.cfg.override(["experts.lr=0.2"]), copy, progress=False)
+    assert (copy / "config.yaml").read_text() == before
+    # --force accepts the change (the stages rebuild) and records it
+    prepare_run(finished_run.cfg.override(["teacher.epochs=4"]), copy, progress=False, force=True)
+    assert "epochs: 4" in (copy / "config.yaml").read_text()
+
+
+def test_a_changed_config_that_fits_the_artifacts_is_recorded(finished_run: RunContext,
+                                                               tmp_path: Path) -> None:
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(finished_run.run_dir, copy)
+    ctx = prepare_run(finished_run.cfg.override(["eval.epochs=3"]), copy, progress=False)
+    assert RunConfig.from_yaml(copy / "config.yaml").eval.epochs == 3 == ctx.cfg.eval.epochs
+
+
+def test_empty_or_file_run_directory_is_refused(tiny_cfg: RunConfig, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    from distilled_ssl.errors import ConfigError
+
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="empty path"):
+        prepare_run(tiny_cfg, "", progress=False)
+    assert list(tmp_path.iterdir()) == []  # nothing written into the working directory
+    (tmp_path / "f").write_text("")
+    with pytest.raises(ConfigError, match="is a file"):
+        prepare_run(tiny_cfg, tmp_path / "f", progress=False)
 
 
 def test_missing_upstream_artifact_names_the_stage(tiny_cfg: RunConfig, tmp_path: Path) -> None:

@@ -1,7 +1,9 @@
 """The one table that turns library errors into one-line CLI messages and exit codes.
 
-Only :class:`~distilled_ssl.errors.DistilledSSLError` subclasses are caught: anything else is a bug
-and keeps its traceback. Ctrl-C says how to resume (exit code 130).
+Only :class:`~distilled_ssl.errors.DistilledSSLError` subclasses are caught, and OSErrors in which the
+disk or file system refuses (no space, read-only, permission, name too long, a file in the way; as a
+:class:`~distilled_ssl.errors.StorageError`): anything else is a bug and keeps its traceback. Ctrl-C
+says how to resume (exit code 130).
 """
 
 from __future__ import annotations
@@ -22,7 +24,9 @@ from ..errors import (
     DivergenceError,
     HubError,
     OutputExistsError,
+    StorageError,
 )
+from ..io import storage_error
 
 INTERRUPTED = 130
 
@@ -33,6 +37,7 @@ ERROR_TABLE: tuple[tuple[type[DistilledSSLError], int, str], ...] = (
     (DataError, 1, "the source or downstream data"),
     (ArtifactError, 1, "a run-directory artifact or set folder"),
     (OutputExistsError, 1, "an output folder that already exists"),
+    (StorageError, 1, "the disk or file system (space, permissions, names)"),
     (HubError, 1, "the Hugging Face Hub"),
     (DeviceError, 1, "the requested device"),
     (DivergenceError, 1, "training diverged"),
@@ -60,6 +65,13 @@ def user_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except DistilledSSLError as exc:
             error = click.ClickException(one_line(exc))
             error.exit_code = exit_code(exc)
+            raise error from exc
+        except OSError as exc:
+            storage = storage_error(exc)
+            if storage is None:
+                raise
+            error = click.ClickException(one_line(storage))
+            error.exit_code = exit_code(storage)
             raise error from exc
         except KeyboardInterrupt:
             click.echo("\ninterrupted: finished work is saved; run the same command again to "

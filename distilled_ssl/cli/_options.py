@@ -37,10 +37,16 @@ def setup_console(quiet: bool) -> None:
             h.setLevel(logging.WARNING if quiet else logging.INFO)
 
 
+def non_empty_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
+    """A path option that keeps "" as it is (``Path("")`` would silently mean the working
+    directory), for :func:`start` to refuse as a one-line error."""
+    return Path(value) if value and value.strip() else value
+
+
 def run_options(fn: Callable[..., Any]) -> Callable[..., Any]:
     """``--out --preset --config --set --device --seed --force --quiet``."""
     options = [
-        click.option("--out", "out", required=True, type=click.Path(file_okay=False, path_type=Path),
+        click.option("--out", "out", required=True, callback=non_empty_path,
                      help="Run directory (created; holds config.yaml, run.log and every artifact)."),
         click.option("--preset", help="A shipped preset (see `distilled-ssl presets list`)."),
         click.option("--config", "config_file", type=click.Path(dir_okay=False, path_type=Path),
@@ -79,10 +85,13 @@ def resolve_config(out: Path, preset: str | None, config_file: Path | None,
 
 
 def start(out: Path, preset: str | None, config_file: Path | None, overrides: tuple[str, ...],
-          device: str | None, seed: int | None, quiet: bool) -> RunContext:
-    """Set up the console, resolve the config and prepare the run directory."""
+          device: str | None, seed: int | None, quiet: bool, force: bool = False) -> RunContext:
+    """Set up the console, resolve the config and prepare the run directory (nothing is written
+    when the run directory refuses the configuration)."""
     from ..pipeline import prepare_run
 
     setup_console(quiet)
+    if not str(out).strip():
+        raise ConfigError("--out is an empty path; name the run directory")
     cfg = resolve_config(out, preset, config_file, overrides, device, seed)
-    return prepare_run(cfg, out, progress=not quiet and sys.stderr.isatty())
+    return prepare_run(cfg, out, progress=not quiet and sys.stderr.isatty(), force=force)

@@ -93,7 +93,7 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
 
     Writes results.json, results.md (mean ± std over seeds) and results.png."""
     from ..evaluation.run import evaluate_run
-    from ..pipeline import run_log
+    from ..pipeline import check_device, run_log
 
     setup_console(quiet)
     own = None
@@ -117,6 +117,7 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
     if device:
         cfg.device = device
     cfg.validate()
+    check_device(cfg.device)
     # A run is read in place (its teacher, reps, init); results go to --out when given.
     ctx = RunContext(cfg, run_or_set if own is None else out, progress=not quiet and sys.stderr.isatty())
     out_dir = out or run_or_set

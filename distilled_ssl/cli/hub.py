@@ -136,7 +136,9 @@ HUB_COMMANDS = (push, pull, info, list_sets)
 def _summary(dset: DistilledSet, path: Path, checks: str) -> dict[str, Any]:
     meta = dset.metadata
     front = split_front_matter(dset.card)[0] if dset.card else {}
-    size = sum(p.stat().st_size for p in Path(path).rglob("*") if p.is_file())
+    root = Path(path)  # the set's own size: a set folder's files, or a run's distilled.safetensors
+    size = (sum(p.stat().st_size for p in root.rglob("*") if p.is_file()) if is_set_dir(root)
+            else (root / DISTILLED_FILE).stat().st_size)
     evaluation = front.get("distilled_ssl", {}).get("evaluation")
     return {
         "path": str(path), "title": front.get("pretty_name"), "license": front.get("license"),
@@ -152,7 +154,7 @@ def _summary(dset: DistilledSet, path: Path, checks: str) -> dict[str, Any]:
 
 def _print_summary(s: dict[str, Any]) -> None:
     click.echo(s["title"] or f"distilled set at {s['path']}")
-    click.echo(f"  path:        {s['path']} ({_size(s['size_bytes'])})")
+    click.echo(f"  path:        {s['path']} (set: {_size(s['size_bytes'])})")
     click.echo(f"  images:      {s['num_images']} x {s['image_shape']}, targets {s['target_dim']}-d, "
                f"labels {'yes' if s['has_labels'] else 'no'}")
     click.echo(f"  learned lr:  {s['lr']:.6g}")

@@ -1,5 +1,5 @@
 """The ``distilled-ssl`` group: ``run``, one command per stage, ``demo`` and ``presets``; the
-``evaluate`` (:mod:`.evaluate`) and Hub (:mod:`.hub`) commands join it here."""
+``evaluate`` (:mod:`.evaluate`), ``export`` (:mod:`.export`) and Hub (:mod:`.hub`) commands join it here."""
 
 from __future__ import annotations
 
@@ -14,8 +14,9 @@ from ..config import list_presets, load_preset
 from ..layout import DISTILLED_FILE, GRID_FILE, PLOT_FILE, RESULTS_FILE
 from ..stages.context import RunContext
 from ._errors import user_errors
-from ._options import run_options, start
+from ._options import non_empty_path, run_options, start
 from .evaluate import evaluate
+from .export import export
 from .hub import HUB_COMMANDS
 
 DEMO_PRESET = "cpu-fmnist-2pct"
@@ -34,7 +35,7 @@ def main() -> None:
 def run(out: Path, preset: str | None, config_file: Path | None, overrides: tuple[str, ...],
         device: str | None, seed: int | None, force: bool, quiet: bool, no_eval: bool) -> None:
     """Run the whole pipeline (teacher → targets → experts → init → distill → eval)."""
-    ctx = start(out, preset, config_file, overrides, device, seed, quiet)
+    ctx = start(out, preset, config_file, overrides, device, seed, quiet, force)
     _run_all(ctx, force=force, evaluate=not no_eval)
 
 
@@ -68,7 +69,7 @@ def _stage_command(name: str, help_text: str) -> None:
                 quiet: bool) -> None:
         from ..pipeline import run_pipeline
 
-        ctx = start(out, preset, config_file, overrides, device, seed, quiet)
+        ctx = start(out, preset, config_file, overrides, device, seed, quiet, force)
         times = run_pipeline(ctx, stages=[name], force=force)
         click.echo(f"{name}: done in {times[name]:.1f} s ({ctx.run_dir})")
 
@@ -85,15 +86,15 @@ for _name, _help in STAGE_HELP.items():
 
 
 @main.command()
-@click.option("--out", default="runs/demo", show_default=True,
-              type=click.Path(file_okay=False, path_type=Path), help="Run directory.")
+@click.option("--out", default="runs/demo", show_default=True, callback=non_empty_path,
+              help="Run directory.")
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help="Config override.")
 @click.option("--force", is_flag=True, help="Re-run every stage.")
 @click.option("--quiet", "-q", is_flag=True, help="Only warnings and the final summary.")
 @user_errors
 def demo(out: Path, overrides: tuple[str, ...], force: bool, quiet: bool) -> None:
     """The README's main job: the cpu-fmnist-2pct preset end to end, then the results table."""
-    ctx = start(out, DEMO_PRESET, None, overrides, None, None, quiet)
+    ctx = start(out, DEMO_PRESET, None, overrides, None, None, quiet, force)
     _run_all(ctx, force=force, evaluate=True)
 
 
@@ -119,5 +120,6 @@ def presets_show(name: str) -> None:
 
 
 main.add_command(evaluate)
+main.add_command(export)
 for _command in HUB_COMMANDS:
     main.add_command(_command)

@@ -61,8 +61,8 @@ from ..layout import (
 from .results import format_table
 
 __all__ = ["ChecksumError", "DistilledSet", "NotASetError", "SetFormatError", "is_set_dir",
-           "load_distilled_file", "read_set", "render_card", "split_front_matter", "verify_checksums",
-           "write_set"]
+           "load_distilled_file", "looks_like_path", "read_set", "render_card", "split_front_matter",
+           "verify_checksums", "write_set"]
 
 SET_FORMAT = "distilled_ssl.set"
 SET_FORMAT_VERSION = 1
@@ -111,11 +111,12 @@ class DistilledSet:
 
 # ----------------------------------------------------------------------------------------- reading
 
-def load_distilled_file(path: str | os.PathLike) -> DistilledSet:
-    """Read and validate a ``distilled.safetensors`` file (format version, keys, dtypes, shapes)."""
+def load_distilled_file(path: str | os.PathLike, *, verify: bool = True) -> DistilledSet:
+    """Read and validate a ``distilled.safetensors`` file (format version, keys, dtypes, shapes;
+    with ``verify``, the tensor checksum in its metadata when it has one)."""
     path = Path(path)
     try:
-        tensors, meta = load_tensors(path)
+        tensors, meta = load_tensors(path, verify=verify)
     except ArtifactError as exc:
         raise SetFormatError(str(exc)) from exc
     if meta.get("kind") != "distilled_set":
@@ -165,23 +166,84 @@ def read_set(path: str | os.PathLike, *, verify: bool = True) -> DistilledSet:
         raise SetFormatError(f"{root}/{MANIFEST_FILE} does not cover {unlisted}; the folder is incomplete")
     if verify:
         verify_checksums(root, manifest)
-    dset = load_distilled_file(root / DISTILLED_FILE)
-    if info["num_samples"] != len(dset) or info["fingerprint"] != dset.metadata.get("fingerprint"):
-        raise SetFormatError(f"{root}/{INFO_FILE} describes another set than {DISTILLED_FILE} "
-                             f"({info['num_samples']} samples, fingerprint {info['fingerprint']})")
+    dset = load_distilled_file(root / DISTILLED_FILE, verify=verify)
+    _cross_check_info(root, info, dset)
+    if verify:
+        _cross_check_shards(root, info, dset)
     dset.card = (root / CARD_FILE).read_text(encoding="utf-8")
     dset.info = info
     dset.path = root
     return dset
 
 
+def _cross_check_info(root: Path, info: dict[str, Any], dset: DistilledSet) -> None:
+    """``_info.json`` must describe ``distilled.safetensors`` (the manifest alone can be rewritten)."""
+    expected = {"num_samples": len(dset), "fingerprint": dset.metadata.get("fingerprint"),
+                "image_shape": list(dset.images.shape[1:]), "target_dim": int(dset.targets.shape[1]),
+                "lr": dset.lr, "has_labels": dset.labels is not None,
+                "normalization": dset.metadata.get("normalization")}
+    wrong = [k for k, v in expected.items() if info.get(k) != v]
+    split = info["splits"]["train"]
+    lengths = split.get("shard_lengths")
+    if (not isinstance(lengths, list) or len(lengths) != len(split["filenames"])
+            or sum(lengths) != len(dset) or split.get("num_samples") != len(dset)):
+        wrong.append("splits.train")
+    if wrong:
+        raise SetFormatError(f"{root}/{INFO_FILE} disagrees with {DISTILLED_FILE} on {', '.join(wrong)}: "
+                             "the folder was edited or mixes two sets; download or write it again")
+
+
+def _cross_check_shards(root: Path, info: dict[str, Any], dset: DistilledSet) -> None:
+    """Every shard holds exactly its samples, with the tensors' target reps and exact pixels."""
+    split = info["splits"]["train"]
+    start = 0
+    for name, n in zip(split["filenames"], split["shard_lengths"], strict=True):
+        members = _read_members(root / name)
+        expected = {f"{sample_key(i)}.{suffix}" for i in range(start, start + n)
+                    for suffix in ("png", "npy", "pixels.npy", "json")}
+        if set(members) != expected:
+            raise SetFormatError(f"{root}/{name} does not hold samples {start}..{start + n - 1} of "
+                                 f"{DISTILLED_FILE}; download or write the set again")
+        for i in range(start, start + n):
+            key = sample_key(i)
+            target = np.load(io.BytesIO(members[f"{key}.npy"]), allow_pickle=False)
+            pixels = np.load(io.BytesIO(members[f"{key}.pixels.npy"]), allow_pickle=False)
+            extra = json.loads(members[f"{key}.json"])
+            if (not np.array_equal(target, dset.targets[i].numpy())
+                    or not np.array_equal(pixels, dset.images[i].numpy())
+                    or extra.get("source_index") != int(dset.source_index[i])
+                    or extra.get("label") != (None if dset.labels is None else int(dset.labels[i]))):
+                raise SetFormatError(f"{root}/{name}: sample {key} differs from {DISTILLED_FILE}; "
+                                     "download or write the set again")
+        start += n
+
+
+def _read_members(path: Path) -> dict[str, bytes]:
+    """A shard's regular files by name, read in memory (nothing is extracted to disk)."""
+    try:
+        with tarfile.open(path, "r:") as tar:
+            out = {}
+            for m in tar.getmembers():
+                fh = tar.extractfile(m) if m.isfile() else None
+                if fh is None:
+                    raise SetFormatError(f"{path}: member {m.name!r} is not a regular file")
+                out[m.name] = fh.read()
+            return out
+    except (tarfile.TarError, OSError, EOFError) as exc:
+        raise SetFormatError(f"{path} is not a readable tar shard ({exc}); it may be truncated") from exc
+
+
 def read_info(root: Path) -> dict[str, Any]:
     """The folder's ``_info.json``, checked to be ours and of a version this library reads."""
     p = root / INFO_FILE
+    if not p.is_file() and (root / DISTILLED_FILE).is_file():
+        raise NotASetError(f"{root} is a run directory, not a set folder: open it with "
+                           "DistilledDataset.from_run (or DistilledDataset.open), or write a set "
+                           f"folder from it with `distilled-ssl export {root} --out DIR`")
     if not p.is_file():
         raise NotASetError(f"{root} has no {INFO_FILE}: it is not a distilled_ssl set folder (make one "
-                           "with `distilled_ssl.sets.artifact.write_set` or "
-                           "`distilled-ssl push RUN_DIR ...`)")
+                           "with `distilled-ssl export RUN_DIR --out DIR` or "
+                           "`distilled_ssl.write_set`)")
     try:
         info = json.loads(p.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -248,6 +310,15 @@ def _expect(path: Path, tensors: dict[str, torch.Tensor], name: str, dtype: torc
 
 # ----------------------------------------------------------------------------------------- writing
 
+def looks_like_path(source: str | os.PathLike) -> bool:
+    """True when ``source`` can only be a local path, never a short name or an ``org/name`` repo id
+    (a ``Path``; ``./x``, ``/x``, ``~/x``, ``x/``, ``a/b/c``, a backslash)."""
+    if not isinstance(source, str):
+        return True
+    return (source.startswith((".", "/", "~")) or source.endswith("/") or "\\" in source
+            or source.count("/") > 1)
+
+
 def is_set_dir(path: str | os.PathLike) -> bool:
     """True when ``path`` looks like a set folder (has ``_info.json``), not a run directory."""
     return (Path(path) / INFO_FILE).is_file()
@@ -291,7 +362,7 @@ def write_set(source: str | os.PathLike, out_dir: str | os.PathLike, *, repo_id:
         shards = write_shards(dset, tmp / SHARD_DIR, shard_size)
         info = _info(dset, shards, shard_size)
         card = render_card(dset, results, picture=has_picture, template=template,
-                           repo_id=repo_id or "<namespace>/<name>")
+                           repo_id=repo_id or "<namespace>/<name>", shard_size=shard_size)
         (tmp / CARD_FILE).write_text(card, encoding="utf-8")
         files = sorted(p.relative_to(tmp).as_posix() for p in tmp.rglob("*") if p.is_file())
         info["sizes"] = {f: (tmp / f).stat().st_size for f in files}
@@ -409,7 +480,8 @@ def _read_results(path: Path) -> dict[str, Any] | None:
 # -------------------------------------------------------------------------------------------- card
 
 def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, picture: bool = True,
-                template: str | os.PathLike | None = None, repo_id: str = "<namespace>/<name>") -> str:
+                template: str | os.PathLike | None = None, repo_id: str = "<namespace>/<name>",
+                shard_size: int = DEFAULT_SHARD_SIZE) -> str:
     """The dataset card: Hub YAML front matter (licence, tags, provenance) + a readable body."""
     tpl_path = Path(template) if template is not None else TEMPLATE
     if not tpl_path.is_file():
@@ -431,6 +503,7 @@ def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, pi
     }
     teacher = meta.get("teacher") or {}
     student = meta.get("student") or {}
+    num_shards = max(1, math.ceil(k / shard_size))
     values = {
         "front_matter": yaml.safe_dump(front, sort_keys=False, width=100).rstrip("\n"),
         "title": front["pretty_name"], "num_images": k, "source": source,
@@ -440,6 +513,9 @@ def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, pi
         "teacher": f"{teacher.get('arch')} {json.dumps(teacher.get('kwargs') or {})}",
         "student": f"{student.get('arch')} {json.dumps(student.get('kwargs') or {})}",
         "mean": list(dset.mean), "std": list(dset.std), "repo_id": repo_id,
+        "num_shards": num_shards, "shard_range": f"{0:05d}..{num_shards - 1:05d}",
+        "channels": dset.images.shape[1], "decode": "torchl" if dset.images.shape[1] == 1 else "torchrgb",
+        "channel_axis": ".map_tuple(lambda png: png[None], None)" if dset.images.shape[1] == 1 else "",
         "library_version": meta.get("library_version", __version__),
         "picture": f"![distilled samples]({PICTURE_FILE})" if picture else "(no picture was saved)",
         "results": _results_table(results), "citation": MKDT_CITATION,

@@ -9,6 +9,7 @@ never printed.
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +34,7 @@ from ..errors import (
 )
 from ..layout import CARD_FILE, MANIFEST_FILE
 from ..registry import Registry
-from .artifact import read_set, write_set
+from .artifact import looks_like_path, read_set, write_set
 
 try:  # the HTTP client huggingface_hub 2.x uses; 1.x used httpx
     import httpx2 as _http
@@ -83,9 +84,17 @@ def resolve_endpoint(endpoint: str | None = None) -> str:
     return (endpoint or os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
 
 
+_REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
 def resolve_name(name_or_repo_id: str) -> tuple[str, KnownSet | None]:
     """Map a short name to its repo id; an ``org/name`` id passes through."""
+    if looks_like_path(name_or_repo_id):
+        raise UnknownSetNameError(f"{name_or_repo_id} does not exist (a local path), and it is not a Hub "
+                                  "set name or 'org/name' repo id")
     if "/" in name_or_repo_id:
+        if not _REPO_ID.fullmatch(name_or_repo_id):
+            raise UnknownSetNameError(f"{name_or_repo_id!r} is not a valid 'org/name' repo id")
         known = next((s for s in KNOWN_SETS.values() if s.repo_id == name_or_repo_id), None)
         return name_or_repo_id, known
     if name_or_repo_id in KNOWN_SETS:

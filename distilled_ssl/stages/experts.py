@@ -10,9 +10,12 @@ can fill one directory.
 
 from __future__ import annotations
 
+import contextlib
+import json
 import math
 import os
 import socket
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +25,7 @@ import torch
 
 from ..data.sources import normalize
 from ..errors import ArtifactError, ConfigError, DivergenceError
-from ..io import load_rows, load_tensors, read_metadata, save_tensors
+from ..io import load_rows, load_tensors, read_metadata, save_tensors, verify_tensors
 from ..layout import EXPERT_PATTERN, EXPERTS_DIR, TARGETS_FILE
 from ..models.encoders import FlatParams, seeded
 from ..models.losses import kd_loss
@@ -97,33 +100,55 @@ def expert_path(ctx: RunContext, k: int) -> Path:
 
 
 def run_experts(ctx: RunContext, *, force: bool = False) -> list[Path]:
-    """Stage 3: train the experts this process can claim; return the finished expert files.
+    """Stage 3: train every expert no other live process is training, wait for those that one is;
+    return the finished expert files in index order.
 
-    Experts held by another live process are left to it; the caller can check that all
-    ``experts.num_experts`` files exist before distilling.
+    Several processes (``run`` or ``experts`` on one ``--out``) share the work through lock files;
+    a lock whose holder died, or that was not renewed for ``LOCK_LEASE_S``, is taken over.
     """
     fp = experts_fingerprint(ctx)
     reps = load_targets(ctx)
-    done: list[Path] = []
+    done: dict[int, Path] = {}
     busy: list[int] = []
     for k in range(ctx.cfg.experts.num_experts):
-        path = expert_path(ctx, k)
-        if path.exists() and not force:
-            check_expert(ctx, path, read_metadata(path), fp)
-            done.append(path)
-            continue
-        with _ExpertLock(path.with_suffix(".lock")) as lock:
-            if not lock.acquired:
-                busy.append(k)
-                continue
-            if path.exists() and not force:  # another process finished it meanwhile
-                done.append(path)
-                continue
-            train_expert(ctx, k, reps, fp, resume=not force)
-            done.append(path)
+        if _claim_or_reuse(ctx, k, reps, fp, force=force, done=done) is None:
+            busy.append(k)
     if busy:
-        ctx.log.info("experts: %s are being trained by other processes", busy)
-    return done
+        holders = "; ".join(f"expert {k}: {_ExpertLock.describe(_lock_path(ctx, k))}" for k in busy)
+        ctx.log.info("experts: waiting for %s, trained by other processes (%s)", busy, holders)
+    while busy:
+        time.sleep(WAIT_POLL_S)
+        busy = [k for k in busy if _claim_or_reuse(ctx, k, reps, fp, force=False, done=done) is None]
+    return [done[k] for k in sorted(done)]
+
+
+def _claim_or_reuse(ctx: RunContext, k: int, reps: torch.Tensor, fp: str, *, force: bool,
+                    done: dict[int, Path]) -> Path | None:
+    """Expert ``k``'s file: reused (checked), or trained under its lock; None while another live
+    process holds the lock."""
+    path = expert_path(ctx, k)
+    if path.exists() and not force:
+        _check_reuse(ctx, path, fp)
+        done[k] = path
+        return path
+    with _ExpertLock(_lock_path(ctx, k)) as lock:
+        if not lock.acquired:
+            return None
+        if path.exists() and not force:  # another process finished it meanwhile
+            _check_reuse(ctx, path, fp)
+        else:
+            train_expert(ctx, k, reps, fp, resume=not force)
+    done[k] = path
+    return path
+
+
+def _check_reuse(ctx: RunContext, path: Path, fp: str) -> None:
+    check_expert(ctx, path, read_metadata(path), fp)
+    verify_tensors(path)
+
+
+def _lock_path(ctx: RunContext, k: int) -> Path:
+    return expert_path(ctx, k).with_suffix(".lock")
 
 
 def train_expert(ctx: RunContext, k: int, reps: torch.Tensor, fingerprint: str, *,
@@ -230,48 +255,133 @@ def _read_partial(path: Path, fingerprint: str) -> dict[str, Any] | None:
     return {**tensors, "meta": meta}
 
 
+LOCK_LEASE_S = 120.0  # a lock not renewed for this long is stale (its holder died, hangs or is elsewhere)
+LOCK_HEARTBEAT_S = 10.0  # how often a holder renews its lock (the lock file's mtime)
+WAIT_POLL_S = 2.0  # how often a process waiting for another's expert looks again
+
+
 class _ExpertLock:
-    """An exclusive lock file (O_EXCL); a lock left by a dead process on this host is taken over."""
+    """An exclusive lock file naming its holder (host, pid, process start time), created whole with
+    ``os.link`` and renewed every ``LOCK_HEARTBEAT_S`` by a background thread.
+
+    A lock is stale, and taken over, when its holder is gone on this host (dead pid, or a pid now
+    used by another process) or when it was not renewed for ``LOCK_LEASE_S`` (any host).
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = path
         self.acquired = False
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def __enter__(self) -> _ExpertLock:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        me = f"{socket.gethostname()} {os.getpid()}"
-        for _ in range(2):
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                if self._stale():
-                    self.path.unlink(missing_ok=True)
+        me = json.dumps({"host": socket.gethostname(), "pid": os.getpid(), "started": _started(os.getpid())})
+        tmp = self.path.with_name(f"{self.path.name}.{os.getpid()}.tmp")
+        tmp.write_text(me)
+        try:
+            for _ in range(2):
+                try:
+                    os.link(tmp, self.path)  # appears with its content, or not at all
+                except FileExistsError:
+                    st = _stat(self.path)
+                    if st is not None and not self._stale(st):
+                        return self
+                    if st is not None:
+                        self._take_over(st)
                     continue
+                self.acquired = True
+                self._beat = threading.Thread(target=self._renew, daemon=True, name=f"lock {self.path.name}")
+                self._beat.start()
                 return self
-            with os.fdopen(fd, "w") as fh:
-                fh.write(me)
-            self.acquired = True
-            return self
+        finally:
+            tmp.unlink(missing_ok=True)
         return self
 
-    def _stale(self) -> bool:
-        try:
-            host, pid = self.path.read_text().split()
-        except (OSError, ValueError):
+    def _renew(self) -> None:
+        while not self._stop.wait(LOCK_HEARTBEAT_S):
+            with contextlib.suppress(OSError):
+                os.utime(self.path)
+
+    def _stale(self, st: os.stat_result) -> bool:
+        if time.time() - st.st_mtime > LOCK_LEASE_S:
             return True
+        holder = _read_holder(self.path)
+        if holder is None:  # unreadable: stale once its lease is over (above)
+            return False
+        host, pid, started = holder
         if host != socket.gethostname():
             return False
+        if pid == os.getpid():
+            return True  # left by this process (it does not nest locks)
         try:
-            os.kill(int(pid), 0)
+            os.kill(pid, 0)
         except ProcessLookupError:
             return True
         except PermissionError:
-            return False
-        return int(pid) == os.getpid()
+            pass  # alive, another user's
+        return started is not None and _started(pid) not in (None, started)  # pid reused
+
+    def _take_over(self, st: os.stat_result) -> None:
+        grave = self.path.with_name(f"{self.path.name}.stale-{os.getpid()}")
+        try:
+            os.replace(self.path, grave)
+        except FileNotFoundError:
+            return
+        moved = _stat(grave)
+        if moved is not None and moved.st_ino != st.st_ino:
+            with contextlib.suppress(OSError):  # another process took it over first: give it back
+                os.link(grave, self.path)
+        grave.unlink(missing_ok=True)
+
+    @staticmethod
+    def describe(path: Path) -> str:
+        """Who holds the lock, and where it is (for messages)."""
+        holder = _read_holder(path)
+        who = f"process {holder[1]} on {holder[0]}" if holder else "an unknown process"
+        return (f"held by {who}, lock file {path}, taken over {LOCK_LEASE_S:g} s after its last "
+                "renewal; delete it if no process is training that expert")
 
     def __exit__(self, *exc: object) -> None:
         if self.acquired:
+            self._stop.set()
+            if self._beat is not None:
+                self._beat.join()
             self.path.unlink(missing_ok=True)
+
+
+def _stat(path: Path) -> os.stat_result | None:
+    try:
+        return path.stat()
+    except FileNotFoundError:
+        return None
+
+
+def _read_holder(path: Path) -> tuple[str, int, int | None] | None:
+    """(host, pid, process start time) from a lock file; also reads the older ``host pid`` form."""
+    try:
+        text = path.read_text()
+    except OSError:
+        return None
+    try:
+        data = json.loads(text)
+        return str(data["host"]), int(data["pid"]), data.get("started")
+    except (ValueError, KeyError, TypeError):
+        pass
+    try:
+        host, pid = text.split()
+        return host, int(pid), None
+    except ValueError:
+        return None
+
+
+def _started(pid: int) -> int | None:
+    """A process's start time (clock ticks after boot) on Linux, to tell a reused pid; else None."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        return int(stat[stat.rindex(")") + 2:].split()[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # ---------------------------------------------------------------------- reading experts
@@ -308,8 +418,9 @@ class ExpertFile:
             return None
 
 
-def list_experts(ctx: RunContext) -> list[ExpertFile]:
-    """The finished experts of the run, in index order; errors when fewer than configured."""
+def list_experts(ctx: RunContext, *, verify: bool = True) -> list[ExpertFile]:
+    """The finished experts of the run, in index order (their checksums verified unless
+    ``verify=False``); errors when fewer than configured, naming the locks of those in training."""
     fp = experts_fingerprint(ctx)
     files = []
     missing = []
@@ -320,9 +431,13 @@ def list_experts(ctx: RunContext) -> list[ExpertFile]:
             continue
         ef = ExpertFile.open(path)
         check_expert(ctx, path, ef.meta, fp)
+        if verify:
+            verify_tensors(path)
         files.append(ef)
     if missing:
+        locked = [k for k in missing if _lock_path(ctx, k).exists()]
+        held = "".join(f"; expert {k} is {_ExpertLock.describe(_lock_path(ctx, k))}" for k in locked[:3])
         raise ArtifactError(f"experts {missing[:10]}{'...' if len(missing) > 10 else ''} are not "
-                            f"finished in {ctx.path(EXPERTS_DIR)}; run the experts stage first "
-                            "(other processes may still be training them)")
+                            f"finished in {ctx.path(EXPERTS_DIR)}; run the experts stage first (it "
+                            f"waits for experts other processes are training){held}")
     return files

@@ -189,3 +189,90 @@ def test_writer_refuses_to_clobber_and_bad_sources(tiny_run: Path, tiny_set: Pat
         write_set(tmp_path / "empty-run", tmp_path / "out")
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
 
+
+
+def _rewrite_manifest(root: Path) -> None:
+    """What a forger does after editing: regenerate checksums.sha256 (sizes in _info.json too)."""
+    info = json.loads((root / "_info.json").read_text())
+    files = sorted(p.relative_to(root).as_posix() for p in root.rglob("*")
+                   if p.is_file() and p.name not in ("checksums.sha256", "_info.json"))
+    info["sizes"] = {f: (root / f).stat().st_size for f in files}
+    (root / "_info.json").write_text(json.dumps(info, indent=2, sort_keys=True) + "\n")
+    lines = [f"{hashlib.sha256((root / f).read_bytes()).hexdigest()}  {f}"
+             for f in sorted([*files, "_info.json"])]
+    (root / "checksums.sha256").write_text("\n".join(lines) + "\n")
+
+
+@pytest.mark.parametrize(("field", "value"), [("lr", 0.5), ("image_shape", [3, 8, 8]), ("target_dim", 7),
+                                              ("has_labels", False),
+                                              ("normalization", {"mean": [0.1], "std": [0.2]})])
+def test_forged_info_is_refused_even_with_regenerated_checksums(tiny_set: Path, field: str,
+                                                                value: object) -> None:
+    info = json.loads((tiny_set / "_info.json").read_text())
+    info[field] = value
+    (tiny_set / "_info.json").write_text(json.dumps(info))
+    _rewrite_manifest(tiny_set)
+    with pytest.raises(SetFormatError, match=f"disagrees with distilled.safetensors on {field}"):
+        read_set(tiny_set)
+
+
+def test_forged_or_truncated_shards_are_refused(tiny_set: Path, tmp_path: Path) -> None:
+    import shutil
+    import tarfile
+
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_set, truncated)
+    shard = truncated / "data" / "train-00001.tar"
+    shard.write_bytes(shard.read_bytes()[:2048])
+    _rewrite_manifest(truncated)
+    with pytest.raises(SetFormatError, match="train-00001.tar"):
+        read_set(truncated)
+    swapped = tmp_path / "swapped"  # a well-formed shard whose target reps are not the set's
+    shutil.copytree(tiny_set, swapped)
+    shard = swapped / "data" / "train-00000.tar"
+    with tarfile.open(shard) as tar:
+        members = {m.name: tar.extractfile(m).read() for m in tar.getmembers()}
+    buf = __import__("io").BytesIO()
+    np.save(buf, np.zeros(5, dtype=np.float32))
+    members["000002.npy"] = buf.getvalue()
+    with tarfile.open(shard, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, payload in members.items():
+            ti = tarfile.TarInfo(name)
+            ti.size = len(payload)
+            tar.addfile(ti, __import__("io").BytesIO(payload))
+    _rewrite_manifest(swapped)
+    with pytest.raises(SetFormatError, match="sample 000002 differs"):
+        read_set(swapped)
+
+
+def _card_block(card: str, heading: str) -> str:
+    return card.split(heading, 1)[1].split("```python", 1)[1].split("```", 1)[0]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_card_webdataset_snippet_runs(tmp_path: Path, channels: int) -> None:
+    import re
+
+    run = make_distilled_file(tmp_path / "run", channels=channels, k=7)
+    root = write_set(run, tmp_path / "set", shard_size=3)
+    card = (root / "README.md").read_text()
+    code = _card_block(card, "## Load it as a WebDataset")
+    assert "{00000..00002}" in code and "shardshuffle=False" in code and "NNNNN" not in card
+    code = re.sub(r"snapshot_download\([^)]*\)", repr(str(root)), code)
+    ns: dict = {}
+    exec(code, ns)
+    exact = list(ns["exact"])
+    ref = load_tensors(run / "distilled.safetensors")[0]
+    assert len(exact) == 7
+    for i, (pixels, target) in enumerate(exact):
+        assert np.array_equal(pixels, ref["images"][i].numpy())  # the exact pixels
+        assert np.array_equal(target, ref["targets"][i].numpy())
+    viewable = list(ns["viewable"])
+    assert viewable[0][0].shape == (channels, 8, 8) and viewable[4][1]["index"] == 4
+    torch.testing.assert_close(viewable[1][0], ref["images"][1].float().clamp(0, 1), atol=1 / 255, rtol=0)
+
+
+def test_card_python_snippet_names_real_modules(tiny_set: Path) -> None:
+    code = _card_block((tiny_set / "README.md").read_text(), "## Load it\n")
+    assert "from distilled_ssl import DistilledDataset, kd_loss" in code
+    compile(code, "card", "exec")

@@ -205,9 +205,8 @@ def test_krr_st_resumes_bit_for_bit(tiny_cfg: RunConfig, upstream: Path, tmp_pat
     run_distill(longer)
     assert read_metadata(longer.path("distilled.safetensors"))["iterations"] == 8
     # another KRR-ST setting is another run: the old state is not silently reused
-    other = _ctx(tiny_cfg, upstream, tmp_path / "cut5", [*over, "distill.krr_st.ridge=0.0001"])
-    with pytest.raises(ArtifactError, match="different configuration"):
-        run_distill(other)
+    with pytest.raises(ArtifactError, match="different configuration"):  # refused before config.yaml changes
+        _ctx(tiny_cfg, upstream, tmp_path / "cut5", [*over, "distill.krr_st.ridge=0.0001"])
 
 
 @pytest.mark.parametrize("override, field", [
