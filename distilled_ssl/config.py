@@ -20,7 +20,7 @@ from typing import Any
 import yaml
 
 from .errors import ConfigError
-from .registry import BASELINES, DISTILL_METHODS, MATCHERS, MODELS, SOURCES
+from .registry import BASELINES, DISTILL_METHODS, MATCHERS, MODELS, SOURCES, TEACHER_METHODS
 
 __all__ = ["ConfigError", "RunConfig", "list_presets", "load_preset"]
 
@@ -46,19 +46,39 @@ class ModelConfig:
 
 
 @dataclass
+class TeacherInputConfig:
+    """Overrides of what a loaded teacher expects (None = what the teacher declares)."""
+
+    channels: int | None = None
+    size: int | None = None  # square images of this side
+    mean: list[float] | None = None  # per channel, on pixels in [0, 1]
+    std: list[float] | None = None
+    layer: str | None = None  # the module whose (pooled) output is the representation
+
+
+@dataclass
 class TeacherConfig:
-    """Stage 1: train a Barlow Twins teacher or load one."""
+    """Stage 1: train an SSL teacher (Barlow Twins or SimCLR) or load one (README "Use your own
+    teacher")."""
 
     mode: str = "train"  # "train" | "load"
+    method: str = "barlow_twins"  # mode=train: "barlow_twins" | "simclr"
     model: ModelConfig = field(default_factory=lambda: ModelConfig("resnet18", {}))
-    weights: str | None = None  # mode=load: .safetensors (teacher file or state dict) or "builtin:NAME"
+    weights: str | None = None  # mode=load: a teacher spec: "builtin:NAME", a .safetensors/.pth/.ckpt
+    # file (a teacher file, or a state dict for teacher.model), "hf:ORG/REPO[/FILE][@REV]",
+    # "timm:MODEL", "torchvision:MODEL" or "package.module:function" (your own code)
+    checkpoint: str | None = None  # weights file for timm:/torchvision:/module specs
+    key_map: dict[str, str] = field(default_factory=dict)  # checkpoint key prefix → replacement;
+    # keys that match no prefix are dropped (e.g. {"backbone.": ""} for solo-learn)
+    input: TeacherInputConfig | None = None  # override the loaded teacher's declared input
     epochs: int = 100
     batch_size: int = 256
     lr: float = 1e-3
     weight_decay: float = 1e-5
     warmup_epochs: int = 2
     projector: list[int] = field(default_factory=lambda: [2048, 2048, 2048])
-    lambda_offdiag: float = 5e-3
+    lambda_offdiag: float = 5e-3  # Barlow Twins
+    temperature: float = 0.5  # SimCLR's NT-Xent
     probe: bool = True  # report a linear-probe accuracy on the source test split
 
 
@@ -236,6 +256,9 @@ class RunConfig:
                       "experts.momentum", "experts.weight_decay", "distill.lr_img",
                       "distill.lr_targets", "distill.lr_lr", "distill.momentum")
         _choice(self, "teacher.mode", {"train", "load"})
+        TEACHER_METHODS.check(self.teacher.method, "teacher.method")
+        _positive(self, "teacher.temperature")
+        self._validate_teacher_load()
         _choice(self, "init.method", {"high_loss", "random", "kmeans"})
         _choice(self, "distill.mode", set(MATCHERS))
         _choice(self, "distill.method", set(DISTILL_METHODS))
@@ -267,8 +290,9 @@ class RunConfig:
         if self.device != "cpu" and not self.device.startswith(("cuda", "mps")):
             raise ConfigError(f"device must be 'cpu', 'cuda', 'cuda:N' or 'mps', got {self.device!r}")
         if self.teacher.mode == "load" and not self.teacher.weights:
-            raise ConfigError("teacher.mode=load needs teacher.weights (a .safetensors file or "
-                              "'builtin:NAME'); or set teacher.mode=train")
+            raise ConfigError("teacher.mode=load needs teacher.weights (a teacher spec: 'builtin:NAME', "
+                              "a weights file, 'hf:ORG/REPO', 'timm:MODEL', ...); or set "
+                              "teacher.mode=train")
         if self.distill.lr_init <= 0:
             raise ConfigError("distill.lr_init must be > 0")
         if self.distill.expert_epochs <= 0:
@@ -315,6 +339,25 @@ class RunConfig:
             MODELS.check(model.arch, where)
         return self
 
+    def _validate_teacher_load(self) -> None:
+        tc = self.teacher
+        if not all(isinstance(k, str) and isinstance(v, str) for k, v in tc.key_map.items()):
+            raise ConfigError(f"teacher.key_map maps key prefixes to replacements (strings), got "
+                              f"{tc.key_map!r}")
+        inp = tc.input
+        if inp is None:
+            return
+        for name in ("channels", "size"):
+            value = getattr(inp, name)
+            if value is not None and value < 1:
+                raise ConfigError(f"teacher.input.{name} must be >= 1, got {value}")
+        for name in ("mean", "std"):
+            values = getattr(inp, name)
+            if values is not None and inp.channels is not None and len(values) != inp.channels:
+                raise ConfigError(f"teacher.input.{name} needs {inp.channels} values (one per channel)")
+        if inp.std is not None and min(inp.std) <= 0:
+            raise ConfigError("teacher.input.std must be > 0")
+
     def section_hash(self, *sections: str) -> str:
         """A short fingerprint of some config sections (artifacts are reused only on a match)."""
         data = self.to_dict()
@@ -330,7 +373,10 @@ class RunConfig:
 _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 
 # Fields added after runs were made: left out of fingerprints while at their default.
-_HASHED_WHEN_SET: dict[str, Any] = {"source.holdout": 0}
+_HASHED_WHEN_SET: dict[str, Any] = {
+    "source.holdout": 0, "teacher.method": "barlow_twins", "teacher.checkpoint": None,
+    "teacher.key_map": {}, "teacher.input": None, "teacher.temperature": 0.5,
+}
 
 
 # ---------------------------------------------------------------------- presets

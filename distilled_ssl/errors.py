@@ -41,6 +41,11 @@ class ArtifactError(DistilledSSLError, RuntimeError):
     """An artifact is missing, corrupt, foreign or was made with a different configuration."""
 
 
+class CheckpointRefusedError(ArtifactError):
+    """A ``.pth`` / ``.ckpt`` checkpoint pickles Python objects: only ``torch.load(weights_only=True)``
+    is used, because unpickling anything else runs code from the file."""
+
+
 class SetFormatError(ArtifactError):
     """A set folder (or a file in it) is missing, truncated, inconsistent or of another format."""
 

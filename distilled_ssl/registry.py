@@ -81,7 +81,22 @@ MODELS: Registry[Callable[..., Any]] = Registry("architecture", {
     "convnet": "distilled_ssl.models.encoders:ConvNet",
     "resnet10": "distilled_ssl.models.encoders:resnet10",
     "resnet18": "distilled_ssl.models.encoders:resnet18",
+    "mkdt_resnet18": "distilled_ssl.models.mkdt_resnet:MkdtResNet18",
 }, patterns=["torchvision:NAME"], lazy=True, error=UnknownArchError)
+
+# ``teacher.method``: the SSL objective of a trained teacher (``models.losses``).
+TEACHER_METHODS: Registry[str] = Registry("teacher method", {
+    "barlow_twins": "Barlow Twins (Zbontar et al., 2021): cross-correlation to the identity",
+    "simclr": "SimCLR (Chen et al., 2020): NT-Xent contrastive loss",
+})
+
+# ``teacher.weights`` with ``teacher.mode: load``: where a teacher comes from (``models.teachers``).
+TEACHER_SOURCES: Registry[str] = Registry("teacher source", {
+    "builtin": "builtin:NAME, a teacher shipped in the package",
+    "timm": "timm:MODEL, weights from teacher.checkpoint or timm's Hub integration",
+    "torchvision": "torchvision:MODEL, weights from teacher.checkpoint",
+    "hf": "hf:ORG/REPO[/FILE][@REVISION], a safetensors teacher on the Hugging Face Hub",
+}, patterns=["PATH.safetensors|.pth|.ckpt", "package.module:function"])
 
 # Source name → its torchvision dataset class (None: the library's own loader).
 SOURCES: Registry[str | None] = Registry("source", {

@@ -3,7 +3,8 @@
 It implements what huggingface_hub's ``create_repo``, ``upload_folder`` (validate-yaml, preupload,
 NDJSON commit with base64 "regular" files), ``create_tag``, ``repo_info``/``dataset_info``
 (``/api/datasets/{id}/revision/{rev}``), ``list_repo_tree``, ``list_repo_refs`` and file downloads
-(``/datasets/{id}/resolve/{rev}/{path}``: HEAD, GET and ``Range``) need, so tests run the real client.
+(``/datasets/{id}/resolve/{rev}/{path}``, and a model repo's ``/{id}/resolve/{rev}/{path}``: HEAD,
+GET and ``Range``) need, so tests run the real client.
 The server answers every upload with ``uploadMode: regular``, which keeps the client off the LFS and
 Xet transfer paths. Private repos, tokens and the Hub's ``X-Error-Code`` headers are honoured.
 """
@@ -149,6 +150,10 @@ class HubHandler(BaseHTTPRequestHandler):
         if method in ("GET", "HEAD") and len(segs) >= 6 and segs[0] == "datasets" and segs[3] == "resolve":
             repo = self._repo("dataset", "/".join(segs[1:3]), write=False)
             self._resolve(repo, segs[4], "/".join(segs[5:]), head=method == "HEAD")
+        if method in ("GET", "HEAD") and len(segs) >= 5 and segs[0] not in ("api", "datasets", "spaces") \
+                and segs[2] == "resolve":  # a model repo's file
+            repo = self._repo("model", "/".join(segs[0:2]), write=False)
+            self._resolve(repo, segs[3], "/".join(segs[4:]), head=method == "HEAD")
         raise _error(404, None, f"no route for {method} /{'/'.join(segs)}")
 
     # ------------------------------------------------------------------ helpers

@@ -1,4 +1,5 @@
-"""Losses: Barlow Twins (teacher training) and the knowledge-distillation MSE (everything after)."""
+"""Losses: Barlow Twins and SimCLR's NT-Xent (teacher training), and the knowledge-distillation MSE
+(everything after)."""
 
 from __future__ import annotations
 
@@ -19,6 +20,20 @@ def barlow_twins_loss(z1: torch.Tensor, z2: torch.Tensor, lambda_offdiag: float 
     on_diag = (torch.diagonal(c) - 1).pow(2).sum()
     off_diag = c.pow(2).sum() - torch.diagonal(c).pow(2).sum()
     return on_diag + lambda_offdiag * off_diag
+
+
+def nt_xent_loss(z1: torch.Tensor, z2: torch.Tensor, temperature: float = 0.5) -> torch.Tensor:
+    """SimCLR's NT-Xent (Chen et al., ICML 2020): each view must pick its partner out of the 2n - 1
+    other embeddings of the batch by cosine similarity / ``temperature`` (0.5, SimCLR's CIFAR value).
+    """
+    n = z1.shape[0]
+    if n < 2:
+        raise ValueError("NT-Xent needs a batch of at least 2")
+    z = F.normalize(torch.cat([z1, z2]), dim=1)
+    sim = z @ z.T / temperature
+    sim = sim.masked_fill(torch.eye(2 * n, dtype=torch.bool, device=z.device), float("-inf"))
+    partner = torch.cat([torch.arange(n, 2 * n), torch.arange(n)]).to(z.device)
+    return F.cross_entropy(sim, partner)
 
 
 def kd_loss(student_out: torch.Tensor, target_reps: torch.Tensor) -> torch.Tensor:

@@ -1,4 +1,10 @@
-"""Stage 2 — target representations: the teacher's features of every source image."""
+"""Stage 2 — target representations: the teacher's features of every source image.
+
+A teacher that expects other images (say 3x224x224 RGB for 1x28x28 Fashion-MNIST) gets each
+batch adapted to its declared input (grey → RGB, resize, its normalisation) inside its encoder
+(:class:`~distilled_ssl.models.adapters.TeacherEncoder`); the source images themselves, which the
+students train on, stay as they are.
+"""
 
 from __future__ import annotations
 
@@ -38,6 +44,10 @@ def run_targets(ctx: RunContext, *, force: bool = False) -> Path:
     channels_last = dev.type == "cpu"
     if channels_last:
         encoder = encoder.to(memory_format=torch.channels_last)
+    if meta.get("adapt_input"):
+        inp = meta["input"]
+        ctx.log.info("targets: adapting %dx%dx%d source images to the teacher's %dx%dx%d input", c, h, h,
+                     inp["channels"], inp["size"], inp["size"])
     t0 = time.perf_counter()
     with torch.inference_mode():
         reps = extract(encoder.features, data.images, tuple(meta["mean"]), tuple(meta["std"]),
@@ -51,8 +61,11 @@ def run_targets(ctx: RunContext, *, force: bool = False) -> Path:
     tensors = {"target_reps": reps}
     if data.labels is not None:
         tensors["labels"] = data.labels
-    save_tensors(out, tensors, {"kind": "targets", "fingerprint": fp, "teacher_arch": meta["arch"],
-                                "teacher_mean": meta["mean"], "teacher_std": meta["std"]})
+    info = {"kind": "targets", "fingerprint": fp, "teacher_arch": meta["arch"],
+            "teacher_mean": meta["mean"], "teacher_std": meta["std"]}
+    if "input" in meta:  # a loaded teacher's own input (the mean/std above: what it is given)
+        info["teacher_input"] = {**meta["input"], "adapted": bool(meta.get("adapt_input"))}
+    save_tensors(out, tensors, info)
     return out
 
 

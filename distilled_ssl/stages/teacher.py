@@ -1,17 +1,22 @@
-"""Stage 1 — the SSL teacher: train one with Barlow Twins, or load one; write ``teacher.safetensors``.
+"""Stage 1 — the SSL teacher: train one (Barlow Twins or SimCLR), or load one; write ``teacher.safetensors``.
 
 The teacher's representation is its encoder's pooled/flattened feature in eval mode (no
 projector, no augmentation). The artifact holds the encoder's state dict and, as metadata, the
 architecture, the input normalisation it was trained with, its training config and its
-linear-probe accuracy on the source test split.
+linear-probe accuracy on the source test split. A loaded teacher (any spec of
+:mod:`distilled_ssl.models.teachers`) that expects other images than the source's records its
+declared ``input``; its encoder adapts the source images to it.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict
-from importlib import resources
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -24,39 +29,76 @@ from ..errors import ArtifactError, ConfigError
 from ..io import check_fingerprint, file_sha256, load_tensors, read_metadata, save_tensors
 from ..layout import TEACHER_FILE
 from ..layout import TEACHER_PARTIAL_FILE as _PARTIAL
+from ..models.adapters import TeacherEncoder, TeacherInput
 from ..models.encoders import Encoder, build_model, seeded
-from ..models.losses import barlow_twins_loss
+from ..models.losses import barlow_twins_loss, nt_xent_loss
 from ..models.probe import extract, linear_probe
+from ..models.teachers import (
+    OpenedTeacher,
+    load_teacher,
+    open_teacher,
+    resolve_weights,
+    save_teacher,
+    weights_file,
+)
 from .context import RunContext, combine
+
+__all__ = ["load_teacher", "probe_teacher", "resolve_weights", "run_teacher", "save_teacher",
+           "ssl_loss", "teacher_fingerprint", "train_teacher"]
+
+_LOAD_OPTIONS = ("checkpoint", "key_map", "input")  # fingerprinted only when set (older runs keep theirs)
+# Fields a trained teacher's record leaves out (Barlow Twins records read as before SimCLR existed).
+_NOT_TRAINING = {"barlow_twins": {"method", "temperature", *_LOAD_OPTIONS},
+                 "simclr": {"lambda_offdiag", *_LOAD_OPTIONS}}
 
 
 def teacher_fingerprint(ctx: RunContext) -> str:
     cfg = ctx.cfg
     parts = [cfg.section_hash("source", "teacher"), str(cfg.seed)]
     if cfg.teacher.mode == "load":
+        tc = cfg.teacher
         parts = [cfg.section_hash("source", "teacher.model", "teacher.weights")]
-        parts.append(file_sha256(resolve_weights(cfg.teacher.weights or "")))
+        path = weights_file(tc.weights or "", tc.checkpoint)
+        parts.append(file_sha256(path) if path is not None else _open(ctx).provenance["weights_sha256"])
+        options = {k: v for k, v in asdict(tc).items() if k in _LOAD_OPTIONS and v not in (None, {})}
+        if options:
+            parts.append(hashlib.sha256(json.dumps(options, sort_keys=True).encode()).hexdigest()[:16])
     return combine(*parts)
 
 
-def resolve_weights(spec: str) -> Path:
-    """``builtin:NAME`` → the teacher shipped in the package; anything else is a file path."""
-    if spec.startswith("builtin:"):
-        name = spec.split(":", 1)[1]
-        path = Path(str(resources.files("distilled_ssl").joinpath("weights", f"{name}.safetensors")))
-        if not path.is_file():
-            shipped = sorted(p.name.removesuffix(".safetensors") for p in
-                             Path(str(resources.files("distilled_ssl").joinpath("weights"))).glob(
-                                 "*.safetensors"))
-            raise ArtifactError(f"no built-in teacher {name!r}; shipped: {shipped}")
-        return path
-    path = Path(spec).expanduser()
-    if not path.is_file():
-        raise ArtifactError(f"teacher weights {path} do not exist")
-    if path.suffix != ".safetensors":
-        raise ArtifactError(f"{path}: teacher weights must be a .safetensors file (pickled "
-                            "checkpoints are not read; convert with safetensors.torch.save_file)")
-    return path
+def _open(ctx: RunContext) -> OpenedTeacher:
+    """The teacher that ``teacher.weights`` names, opened once per run context."""
+    cached = getattr(ctx, "_opened_teacher", None)
+    if cached is not None:
+        return cached
+    tc, data = ctx.cfg.teacher, ctx.train_set
+    c, h, _ = data.shape
+    override = asdict(tc.input) if tc.input is not None else {}
+    opened = open_teacher(tc.weights or "", source=TeacherInput(c, h, data.mean, data.std),
+                          arch=tc.model.arch, kwargs=tc.model.kwargs, checkpoint=tc.checkpoint,
+                          key_map=tc.key_map, input_override=override)
+    ctx._opened_teacher = opened  # type: ignore[attr-defined]
+    return opened
+
+
+def _for_source(ctx: RunContext, opened: OpenedTeacher) -> tuple[Encoder, tuple[float, ...],
+                                                                  tuple[float, ...]]:
+    """The opened teacher as an encoder of the source images, and the normalisation it takes."""
+    data = ctx.train_set
+    c, h, _ = data.shape
+    inp = opened.input
+    size_free = opened.legacy and opened.arch.startswith(("resnet", "torchvision:"))
+    if opened.legacy and inp.channels == c and (inp.size == h or size_free):
+        return opened.encoder, inp.mean, inp.std  # as before teacher specs: artifacts unchanged
+    adapt = inp.channels != c or inp.size != h
+    if adapt:
+        ctx.log.info("teacher: expects %dx%dx%d images; the %dx%dx%d source images are adapted for "
+                     "it (the students keep training on the source's own)", inp.channels, inp.size,
+                     inp.size, c, h, h)
+    encoder = TeacherEncoder(opened.encoder, inp, source_channels=c, source_size=h,
+                             source_mean=data.mean if adapt else None,
+                             source_std=data.std if adapt else None)
+    return encoder.eval(), (data.mean if adapt else inp.mean), (data.std if adapt else inp.std)
 
 
 def run_teacher(ctx: RunContext, *, force: bool = False) -> Path:
@@ -71,25 +113,21 @@ def run_teacher(ctx: RunContext, *, force: bool = False) -> Path:
     data = ctx.train_set
     c, h, _ = data.shape
     if tc.mode == "load":
-        path = resolve_weights(tc.weights or "")
-        if read_metadata(path).get("kind") == "teacher":
-            encoder, meta = load_teacher(path, in_channels=c, image_size=h)
-            arch, kwargs = meta["arch"], meta["kwargs"]
-            mean, std = tuple(meta["mean"]), tuple(meta["std"])
-        else:  # a bare state dict for teacher.model, trained on this source's normalisation
-            arch, kwargs = tc.model.arch, tc.model.kwargs
-            encoder = build_model(arch, in_channels=c, image_size=h, **kwargs)
-            _load_state_dict(encoder, path)
-            meta, (mean, std) = {}, (data.mean, data.std)
+        opened = _open(ctx)
+        encoder, mean, std = _for_source(ctx, opened)
+        arch, kwargs, meta = opened.arch, opened.kwargs, opened.meta
         info: dict[str, Any] = {"loaded_from": tc.weights, "trained": meta.get("trained")}
+        if not opened.legacy:
+            info["provenance"] = opened.provenance
         ctx.log.info("teacher: loaded %s (%s, %d-d features)", tc.weights, arch, encoder.feature_dim)
     else:
         encoder, losses = train_teacher(ctx)
         meta = {}
         arch, kwargs = tc.model.arch, tc.model.kwargs
         mean, std = data.mean, data.std
+        trained = {k: v for k, v in asdict(tc).items() if k not in _NOT_TRAINING[tc.method]}
         info = {"trained": {"source": ctx.cfg.source.name, "num_images": len(data),
-                            **asdict(tc), "seed": ctx.cfg.seed, "epoch_losses": losses}}
+                            **trained, "seed": ctx.cfg.seed, "epoch_losses": losses}}
     trained_on = (info.get("trained") or {})
     same_data = (trained_on.get("source") == ctx.cfg.source.name and ctx.cfg.source.subset is None
                  and trained_on.get("num_images") == len(data))
@@ -109,53 +147,6 @@ def run_teacher(ctx: RunContext, *, force: bool = False) -> Path:
     return out
 
 
-def save_teacher(path: Path, encoder: Encoder, *, arch: str, kwargs: dict[str, Any],
-                 in_channels: int, image_size: int, mean: tuple[float, ...], std: tuple[float, ...],
-                 **extra: Any) -> None:
-    """Write a teacher encoder (state dict, no head) with the metadata needed to rebuild it."""
-    state = {k: v for k, v in encoder.state_dict().items() if not k.startswith("head.")}
-    meta = {"kind": "teacher", "arch": arch, "kwargs": kwargs, "in_channels": in_channels,
-            "image_size": image_size, "feature_dim": encoder.feature_dim, "mean": list(mean),
-            "std": list(std), **extra}
-    save_tensors(path, state, meta)
-
-
-def load_teacher(path: Path, *, in_channels: int | None = None, image_size: int | None = None,
-                 device: str | torch.device = "cpu") -> tuple[Encoder, dict[str, Any]]:
-    """Rebuild a teacher encoder from a ``save_teacher`` file; check it fits the source images."""
-    state, meta = load_tensors(path)
-    if meta.get("kind") != "teacher" or "arch" not in meta:
-        raise ArtifactError(f"{path} is not a distilled_ssl teacher file (no teacher metadata)")
-    if in_channels is not None and meta["in_channels"] != in_channels:
-        raise ArtifactError(f"teacher {path} takes {meta['in_channels']}-channel images, the source "
-                            f"has {in_channels}")
-    if image_size is not None and meta["image_size"] != image_size and \
-            not meta["arch"].startswith(("resnet", "torchvision:")):
-        raise ArtifactError(f"teacher {path} takes {meta['image_size']}px images, the source has "
-                            f"{image_size}px")
-    encoder = build_model(meta["arch"], in_channels=meta["in_channels"],
-                          image_size=meta["image_size"], **meta["kwargs"])
-    try:
-        encoder.load_state_dict(state)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path}: weights do not fit {meta['arch']} {meta['kwargs']}: {exc}") from exc
-    return encoder.to(device).eval(), meta
-
-
-def _load_state_dict(encoder: Encoder, path: Path) -> None:
-    """Load a plain safetensors state dict; a torchvision model's removed classifier is ignored."""
-    state, _ = load_tensors(path)
-    target = encoder.net if hasattr(encoder, "net") else encoder
-    try:
-        missing, unexpected = target.load_state_dict(state, strict=False)
-    except RuntimeError as exc:
-        raise ArtifactError(f"{path} does not fit the teacher architecture: {exc}") from exc
-    unexpected = [k for k in unexpected if not k.startswith(("fc.", "classifier.", "head.", "heads."))]
-    if missing or unexpected:
-        raise ArtifactError(f"{path} does not fit the teacher architecture: missing {missing[:5]}, "
-                            f"unexpected {unexpected[:5]}")
-
-
 def probe_teacher(ctx: RunContext, encoder: Encoder, mean: tuple[float, ...],
                   std: tuple[float, ...]) -> float:
     """Linear-probe accuracy of the teacher's features (full train labels → test split)."""
@@ -168,7 +159,9 @@ def probe_teacher(ctx: RunContext, encoder: Encoder, mean: tuple[float, ...],
     return linear_probe(ftr, ctx.train_set.labels, fte, test.labels)
 
 
-class _BarlowTwins(nn.Module):
+class _SSLModel(nn.Module):
+    """The encoder plus the projector MLP that the SSL loss sees (dropped after training)."""
+
     def __init__(self, encoder: Encoder, dims: list[int]) -> None:
         super().__init__()
         self.encoder = encoder
@@ -185,8 +178,19 @@ class _BarlowTwins(nn.Module):
         return self.projector(self.encoder.features(x))
 
 
+def ssl_loss(method: str, *, lambda_offdiag: float = 5e-3, temperature: float = 0.5
+             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``teacher.method``'s loss of two views' projections."""
+    if method == "barlow_twins":
+        return partial(barlow_twins_loss, lambda_offdiag=lambda_offdiag)
+    if method == "simclr":
+        return partial(nt_xent_loss, temperature=temperature)
+    raise ConfigError(f"unknown teacher.method {method!r}")
+
+
 def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
-    """Barlow Twins on the source training split (AdamW, warmup + cosine), resumable per epoch.
+    """``teacher.method`` (Barlow Twins or SimCLR, the same augmentations) on the source training
+    split (AdamW, warmup + cosine), resumable per epoch.
 
     Returns the encoder and the mean loss of each epoch."""
     _cfg, tc = ctx.cfg, ctx.cfg.teacher
@@ -195,7 +199,7 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
     dev = ctx.device
     with seeded(ctx.seed_for("teacher", "init")):
         encoder = build_model(tc.model.arch, in_channels=c, image_size=h, **tc.model.kwargs)
-        model = _BarlowTwins(encoder, tc.projector)
+        model = _SSLModel(encoder, tc.projector)
     channels_last = dev.type == "cpu"
     model = model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
@@ -212,8 +216,10 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     aug = SSLAugment(data.mean, data.std)
+    loss_fn = ssl_loss(tc.method, lambda_offdiag=tc.lambda_offdiag, temperature=tc.temperature)
+    loss_name = {"barlow_twins": "Barlow Twins", "simclr": "SimCLR"}[tc.method]
     start_epoch, losses = _resume_teacher(ctx, model, opt)
-    partial = ctx.path(_PARTIAL)
+    partial_file = ctx.path(_PARTIAL)
     fp = teacher_fingerprint(ctx)
     for epoch in range(start_epoch, tc.epochs):
         model.train()
@@ -231,22 +237,22 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
             if channels_last:
                 v1 = v1.contiguous(memory_format=torch.channels_last)
                 v2 = v2.contiguous(memory_format=torch.channels_last)
-            loss = barlow_twins_loss(model(v1), model(v2), tc.lambda_offdiag)
+            loss = loss_fn(model(v1), model(v2))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
             running += loss.item()
             if i % 10 == 0:
-                bar.set_postfix(loss=f"{running / (i + 1):.1f}")
+                bar.set_postfix(loss=f"{running / (i + 1):.{1 if tc.method == 'barlow_twins' else 3}f}")
         dt = time.perf_counter() - t0
         losses.append(running / steps_per_epoch)
-        ctx.log.info("teacher epoch %d/%d: Barlow Twins loss %.2f, %.0f images/s", epoch + 1, tc.epochs,
-                     losses[-1], 2 * steps_per_epoch * tc.batch_size / dt)
+        ctx.log.info("teacher epoch %d/%d: %s loss %.3g, %.0f images/s", epoch + 1, tc.epochs,
+                     loss_name, losses[-1], 2 * steps_per_epoch * tc.batch_size / dt)
         tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
         tensors.update(_optimizer_tensors(opt))
-        save_tensors(partial, tensors, {"epoch": epoch + 1, "fingerprint": fp, "losses": losses})
+        save_tensors(partial_file, tensors, {"epoch": epoch + 1, "fingerprint": fp, "losses": losses})
     encoder = model.encoder.to(memory_format=torch.contiguous_format).eval()
-    partial.unlink(missing_ok=True)
+    partial_file.unlink(missing_ok=True)
     return encoder, losses
 
 
