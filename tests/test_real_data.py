@@ -38,7 +38,7 @@ def test_smoke_preset_end_to_end_on_fashion_mnist(tmp_path: Path) -> None:
 def test_demo_preset_loads_the_shipped_teacher(tmp_path: Path) -> None:
     out = tmp_path / "demo"
     res = CliRunner().invoke(main, ["teacher", "--preset", "cpu-fmnist-2pct", "--out", str(out),
-                                    "--set", "source.subset=2000"])
+                                    "--set", "source.subset=2000", "--set", "source.holdout=200"])
     assert res.exit_code == 0, res.output
     meta = read_metadata(out / "teacher.safetensors")
     assert meta["arch"] == "resnet10" and meta["feature_dim"] == 128
