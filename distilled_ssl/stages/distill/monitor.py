@@ -100,5 +100,9 @@ def save_curve(path: Path, curve: list[dict[str, Any]], losses: list[float], kep
     titles = {KEEP_METRIC: "teacher fidelity R^2 (held-out images)", "probe": "linear probe (held-out)"}
     panels = [(titles[m], [(float(p["iteration"]), float(p[m])) for p in curve if m in p])
               for m in (KEEP_METRIC, "probe") if any(m in p for p in curve)]
-    panels.append(("matching loss", [(float(i + 1), v) for i, v in enumerate(losses)]))
+    window = 10
+    smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
+              for i in range(len(losses))]
+    panels.append((f"matching loss (mean of the last {window} iterations)",
+                   [(float(i + 1), v) for i, v in enumerate(smooth)]))
     save_line_panels(path, panels, marker=kept)
