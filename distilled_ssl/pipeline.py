@@ -77,8 +77,10 @@ BUILD_STAGES = ("teacher", "targets", "experts", "init", "distill")  # what make
 
 def runs_on_every_rank(ctx: RunContext, stage: str) -> bool:
     """Whether a stage splits its work over the torchrun ranks (else rank 0 runs it alone)."""
-    return stage in ("targets", "experts", "eval") or (stage == "distill" and
-                                                        ctx.cfg.distill.method == "mkdt")
+    cfg = ctx.cfg
+    return (stage in ("targets", "experts", "eval")
+            or (stage == "teacher" and cfg.teacher.mode == "train")
+            or (stage == "distill" and cfg.distill.method == "mkdt"))
 
 
 def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,

@@ -93,6 +93,8 @@ def test_shard_cuts_whole_batches_in_rank_order(monkeypatch: pytest.MonkeyPatch)
 def test_two_ranks_write_what_one_process_writes(one_process: Path, synthetic_npz: Path,
                                                  tmp_path: Path) -> None:
     out = tmp_path / "run"
+    out.mkdir()
+    shutil.copy(one_process / TEACHER_FILE, out / TEACHER_FILE)  # DDP teachers are only close
     log = _finish(_torchrun(TWO_RANKS, "run", "--config",
                             str(_config(synthetic_npz, tmp_path)), "--out", str(out), "-q"))
     for name in ("targets.safetensors", "experts/expert_00000.safetensors",
@@ -141,5 +143,41 @@ def test_a_rank_killed_mid_experts_resumes_without_redoing_finished_ones(
     finished = {p.name: p.stat().st_mtime_ns for p in experts.glob("expert_*[0-9].safetensors")}
     assert 0 < len(finished) < 4
     _finish(_torchrun(TWO_RANKS, "experts", "--out", str(run), "-q"))
-    assert sorted(p.name for p in experts.iterdir()) == [f"expert_0000{k}.safetensors" for k in range(4)]
+    assert sorted(p.name for p in experts.glob("expert_?????.safetensors")) == \
+        [f"expert_0000{k}.safetensors" for k in range(4)]
+    assert not [*experts.glob("*.lock"), *experts.glob("*.partial.safetensors")]  # a SIGKILL may leave a .tmp
     assert {name: (experts / name).stat().st_mtime_ns for name in finished} == finished
+
+
+DDP_GRADIENTS = """
+import copy, torch, torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
+from distilled_ssl.models.losses import barlow_twins_loss, nt_xent_loss
+dist.init_process_group("gloo")
+rank, world = dist.get_rank(), dist.get_world_size()
+g = torch.Generator().manual_seed(0)
+x1, x2 = torch.randn(16, 8, generator=g), torch.randn(16, 8, generator=g)
+rows = slice(16 * rank // world, 16 * (rank + 1) // world)
+for loss in (barlow_twins_loss, nt_xent_loss):
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(8, 12), torch.nn.ReLU(), torch.nn.Linear(12, 6))
+    one = copy.deepcopy(model)
+    whole = loss(one(x1), one(x2))
+    whole.backward()
+    ddp = DistributedDataParallel(model)
+    part = loss(ddp(x1[rows]), ddp(x2[rows]), gather_distributed=True)
+    part.backward()
+    assert torch.allclose(part, whole, rtol=1e-5), (loss.__name__, part, whole)
+    for p, q in zip(model.parameters(), one.parameters()):
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), (loss.__name__, p.grad, q.grad)
+print("gradients match on rank", rank)
+"""
+
+
+def test_ddp_teacher_gradients_match_one_process(tmp_path: Path) -> None:
+    """Each rank's slice of the batch, the loss of the whole: DDP's averaged gradients are the
+    single-process ones (not 1/world size of them)."""
+    script = tmp_path / "ddp_gradients.py"
+    script.write_text(DDP_GRADIENTS)
+    out = _finish(_start("-m", "torch.distributed.run", *TWO_RANKS, str(script)))
+    assert out.count("gradients match on rank") == 2
