@@ -156,6 +156,8 @@ class DistillConfig:
     # teacher's reps of the current images (0 = free, 1 = relabel by the teacher)
     eval_every: int = 0  # score a snapshot on the source.holdout images every N iterations (0 = off)
     keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out fidelity
+    samples_per_iteration: int = 1  # MKDT: average the meta-gradients of this many trajectory
+    # samples per iteration (split over torchrun ranks; the result is the same for any number)
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
 
 
@@ -250,7 +252,8 @@ class RunConfig:
         """Check ranges and cross-field constraints; return self for chaining."""
         _positive(self, "experts.num_experts", "experts.epochs", "experts.batch_size",
                   "targets.batch_size", "distill.syn_steps", "distill.batch_syn",
-                  "distill.log_every", "distill.checkpoint_every", "teacher.batch_size",
+                  "distill.log_every", "distill.checkpoint_every", "distill.samples_per_iteration",
+                  "teacher.batch_size",
                   "eval.epochs", "eval.batch_size")
         _non_negative(self, "distill.iterations", "teacher.epochs", "experts.lr",
                       "experts.momentum", "experts.weight_decay", "distill.lr_img",

@@ -3,6 +3,10 @@
 Stages 1-5 are each skipped when their artifact is already there; stage 6 (``eval``) runs when
 asked for (``evaluate=True`` or by name). With ``distill.method: krr_st`` stage 5 runs KRR-ST, and
 stage 3 is skipped unless the high-loss init needs the experts.
+
+Under torchrun (:mod:`distilled_ssl.distributed`) the stages of :data:`SHARDED_STAGES` run on every
+rank and split their work; the others run on rank 0 while the rest wait. Rank 0 writes the shared
+artifacts, ``config.yaml`` and ``run.log``; a barrier ends every stage.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ from pathlib import Path
 import torch
 
 from .config import RunConfig
+from .distributed import barrier, init_from_env, is_main, rank, world_size
 from .errors import ArtifactError, ConfigError, DeviceError
 from .evaluation.run import evaluate_run
 from .io import atomic_path, check_fingerprint, read_metadata, storage_error
@@ -48,6 +53,7 @@ def _experts_then_check(ctx: RunContext, *, force: bool = False) -> Path:
                      "init.method=random needs no expert losses")
         return ctx.path(EXPERTS_DIR)
     run_experts(ctx, force=force)  # waits for experts that other processes are training
+    barrier()  # under torchrun: every rank's experts are written
     list_experts(ctx, verify=False)  # all experts finished (run_experts verified them)
     return ctx.path(EXPERTS_DIR)
 
@@ -69,18 +75,28 @@ STAGES: Registry[Callable[..., Path]] = Registry("stage", {
 BUILD_STAGES = ("teacher", "targets", "experts", "init", "distill")  # what makes the distilled set
 
 
+def runs_on_every_rank(ctx: RunContext, stage: str) -> bool:
+    """Whether a stage splits its work over the torchrun ranks (else rank 0 runs it alone)."""
+    cfg = ctx.cfg
+    return (stage in ("targets", "experts", "eval")
+            or (stage == "teacher" and cfg.teacher.mode == "train")
+            or (stage == "distill" and cfg.distill.method == "mkdt"))
+
+
 def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
                 force: bool = False) -> RunContext:
     """Validate ``cfg`` and the device, create ``out_dir`` and write the resolved ``config.yaml``.
 
     When ``out_dir`` already holds a run made with another configuration, the artifacts the stages
     would reuse are checked first (unless ``force``: they will be rebuilt): a refused change raises
-    before anything is written, so a plain rerun still finds the old ``config.yaml``.
+    before anything is written, so a plain rerun still finds the old ``config.yaml``. Under
+    torchrun this joins the job; rank 0 writes ``config.yaml``.
     """
     if not str(out_dir).strip():
         raise ConfigError("the run directory (--out) is an empty path; name a folder")
     cfg.validate()
     check_device(cfg.device)
+    init_from_env(cfg.device)
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"the run directory {out} is a file; name a folder (--out)")
@@ -88,16 +104,17 @@ def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
     text = cfg.to_yaml()
     changed = config_file.is_file() and config_file.read_text(encoding="utf-8") != text
     try:
-        ctx = RunContext(cfg, out, progress=progress)
+        ctx = RunContext(cfg, out, progress=progress and is_main())
         if changed and not force:
             _check_reuse(ctx)
-        if not config_file.is_file() or changed:
+        if is_main() and (not config_file.is_file() or changed):
             with atomic_path(config_file) as tmp:
                 tmp.write_text(text, encoding="utf-8")
     except OSError as exc:
         raise (storage_error(exc, out) or exc) from exc
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    barrier()  # no rank reads config.yaml before rank 0 has written it
     return ctx
 
 
@@ -145,7 +162,11 @@ def _check_reuse(ctx: RunContext) -> None:
 
 @contextlib.contextmanager
 def run_log(ctx: RunContext) -> Iterator[None]:
-    """Append the library's log records to ``RUN_DIR/run.log`` while the block runs."""
+    """Append the library's log records to ``RUN_DIR/run.log`` while the block runs (rank 0's
+    under torchrun)."""
+    if not is_main():
+        yield
+        return
     logger = logging.getLogger(LOGGER_NAME)
     try:
         handler = logging.FileHandler(ctx.path(LOG_FILE))
@@ -165,7 +186,8 @@ def run_log(ctx: RunContext) -> Iterator[None]:
 def run_pipeline(ctx: RunContext, *, stages: list[str] | None = None, force: bool = False,
                  evaluate: bool = False) -> dict[str, float]:
     """Run stages in order (default: stages 1-5, then the evaluation when ``evaluate`` and
-    ``eval.enabled``); return each stage's wall time in seconds."""
+    ``eval.enabled``); return each stage's wall time in seconds (under torchrun: this rank's,
+    up to the barrier that ends the stage)."""
     names = list(BUILD_STAGES) if stages is None else stages
     if stages is None and evaluate and ctx.cfg.eval.enabled:
         names.append("eval")
@@ -176,7 +198,15 @@ def run_pipeline(ctx: RunContext, *, stages: list[str] | None = None, force: boo
     with run_log(ctx):
         for name in names:
             t0 = time.perf_counter()
-            STAGES[name](ctx, force=force)
+            try:
+                if is_main() or runs_on_every_rank(ctx, name):
+                    STAGES[name](ctx, force=force)
+            except BaseException as exc:
+                if world_size() > 1:  # the other ranks are left waiting; torchrun ends them
+                    ctx.log.error("rank %d of %d: stage %s failed: %s: %s", rank(), world_size(),
+                                  name, type(exc).__name__, exc)
+                raise
+            barrier()
             times[name] = time.perf_counter() - t0
             ctx.log.info("stage %s done in %.1f s", name, times[name])
     return times

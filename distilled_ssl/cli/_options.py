@@ -12,6 +12,7 @@ import click
 from tqdm.auto import tqdm
 
 from ..config import RunConfig, load_preset
+from ..distributed import init_from_env, is_main, rank, world_size
 from ..errors import ConfigError
 from ..layout import CONFIG_FILE
 from ..stages.context import LOGGER_NAME, RunContext
@@ -25,16 +26,17 @@ class _TqdmHandler(logging.Handler):
 
 
 def setup_console(quiet: bool) -> None:
-    """Show the library's log on stderr (only warnings when ``quiet``)."""
+    """Show the library's log on stderr (only warnings when ``quiet``, and on torchrun ranks
+    other than 0, whose lines say their rank)."""
     logger = logging.getLogger(LOGGER_NAME)
     logger.setLevel(logging.INFO)
     if not any(isinstance(h, _TqdmHandler) for h in logger.handlers):
-        handler = _TqdmHandler()
-        handler.setFormatter(logging.Formatter("%(message)s"))
-        logger.addHandler(handler)
+        logger.addHandler(_TqdmHandler())
+    prefix = f"[rank {rank()}] " if world_size() > 1 else ""
     for h in logger.handlers:
         if isinstance(h, _TqdmHandler):
-            h.setLevel(logging.WARNING if quiet else logging.INFO)
+            h.setFormatter(logging.Formatter(prefix + "%(message)s"))
+            h.setLevel(logging.WARNING if quiet or not is_main() else logging.INFO)
 
 
 def non_empty_path(ctx: click.Context, param: click.Parameter, value: str | None) -> Path | str | None:
@@ -94,4 +96,6 @@ def start(out: Path, preset: str | None, config_file: Path | None, overrides: tu
     if not str(out).strip():
         raise ConfigError("--out is an empty path; name the run directory")
     cfg = resolve_config(out, preset, config_file, overrides, device, seed)
+    init_from_env(cfg.device)  # under torchrun: join the job, then let rank 0 alone talk
+    setup_console(quiet)
     return prepare_run(cfg, out, progress=not quiet and sys.stderr.isatty(), force=force)

@@ -10,6 +10,7 @@ import click
 import yaml
 
 from ..config import ModelConfig, RunConfig
+from ..distributed import init_from_env, is_main
 from ..errors import ConfigError
 from ..layout import CONFIG_FILE, PLOT_FILE, RESULTS_FILE, TABLE_FILE
 from ..sets.artifact import is_set_dir, read_set
@@ -118,11 +119,16 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
         cfg.device = device
     cfg.validate()
     check_device(cfg.device)
+    init_from_env(cfg.device)  # under torchrun: the jobs are spread over the ranks
+    setup_console(quiet)
     # A run is read in place (its teacher, reps, init); results go to --out when given.
-    ctx = RunContext(cfg, run_or_set if own is None else out, progress=not quiet and sys.stderr.isatty())
+    ctx = RunContext(cfg, run_or_set if own is None else out,
+                     progress=not quiet and sys.stderr.isatty() and is_main())
     out_dir = out or run_or_set
     with run_log(ctx):
         result = evaluate_run(ctx, compare=compare, own=own, out=out_dir)
+    if not is_main():
+        return
     click.echo(format_table(result))
     click.echo(f"results: {out_dir / RESULTS_FILE}, {out_dir / TABLE_FILE}, "
                f"{out_dir / PLOT_FILE}")

@@ -11,6 +11,7 @@ import click
 
 from .._version import __version__
 from ..config import list_presets, load_preset
+from ..distributed import is_main
 from ..layout import DISTILLED_FILE, GRID_FILE, PLOT_FILE, RESULTS_FILE
 from ..stages.context import RunContext
 from ._errors import user_errors
@@ -45,6 +46,8 @@ def _run_all(ctx: RunContext, *, force: bool, evaluate: bool) -> None:
 
     t0 = time.perf_counter()
     times = run_pipeline(ctx, force=force, evaluate=evaluate)
+    if not is_main():
+        return
     result = json.loads(ctx.path(RESULTS_FILE).read_text()) if "eval" in times else None
     click.echo(f"\nrun directory: {ctx.run_dir}")
     click.echo("stage wall times: " + ", ".join(f"{k} {v:.0f} s" for k, v in times.items())
@@ -71,7 +74,8 @@ def _stage_command(name: str, help_text: str) -> None:
 
         ctx = start(out, preset, config_file, overrides, device, seed, quiet, force)
         times = run_pipeline(ctx, stages=[name], force=force)
-        click.echo(f"{name}: done in {times[name]:.1f} s ({ctx.run_dir})")
+        if is_main():
+            click.echo(f"{name}: done in {times[name]:.1f} s ({ctx.run_dir})")
 
 
 STAGE_HELP = {  # the building stages of pipeline.STAGES

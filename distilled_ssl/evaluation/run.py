@@ -3,7 +3,8 @@ other distilled sets, measure them on every downstream set, and write ``results.
 ``results.md`` (mean ± std over seeds) and ``results.png`` (one panel per metric; :mod:`.report`).
 
 A seed fixes the pre-training init, the random subset and the label subsets; each encoder is
-pre-trained once per seed and then measured on every downstream set.
+pre-trained once per seed and then measured on every downstream set. Under torchrun the
+(seed, encoder, set) jobs are spread over the ranks and rank 0 writes the rows, in job order.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import torch
 
 from ..config import ModelConfig
 from ..data.downstream import Downstream, display_name, load_downstream, parse_names, validation_split
+from ..distributed import all_gather_objects, is_main, rank, world_size
 from ..errors import ConfigError, DataNotFoundError, NotASetError
 from ..layout import DISTILLED_FILE, TEACHER_FILE
 from ..models.pretrain import PretrainSet, pretrain_kd
@@ -146,50 +148,53 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
                                    tuple(tmeta["std"]), device=dev)
     downstream = downstream_sets(ctx)
     encoders = [ec.model or cfg.student, *ec.extra_models]
+    jobs = [(seed, model_cfg, title, what) for seed in range(ec.seeds) for model_cfg in encoders
+            for title, what in candidates]
+    mine = range(rank(), len(jobs), world_size())  # under torchrun: job i on rank i mod W
     rows: list[dict[str, Any]] = []
-    bar = ctx.bar(total=ec.seeds * len(encoders) * len(candidates), desc="evaluate")
-    for seed in range(ec.seeds):
+    bar = ctx.bar(total=len(mine), desc="evaluate")
+    teacher_rows: dict[int, dict[str, Any]] = {}  # per seed
+    for seed, model_cfg, title, what in (jobs[i] for i in mine):
         label_seed = ctx.seed_for("eval", "labels", seed)
-        teacher_row: dict[str, Any] | None = None
-        for model_cfg in encoders:
-            enc = encoder_label(model_cfg)
-            for title, what in candidates:
-                t0 = time.perf_counter()
-                row: dict[str, Any] = {"set": title, "encoder": enc, "seed": seed}
-                if what == "teacher":
-                    assert teacher is not None
-                    if teacher_row is None:
-                        teacher_row = {}
-                        for ds in downstream:
-                            teacher_row.update(downstream_metrics(
-                                teacher.features, tuple(tmeta["mean"]), tuple(tmeta["std"]), ds,
-                                ec.label_fractions, label_seed, knn_k=ec.knn_k, device=dev))
-                    row.update(teacher_row)
-                else:
-                    pset = what if isinstance(what, PretrainSet) else (
-                        None if what == "none" else base.pretrain_set(what, seed))
-                    dim = target_dim if pset is None else pset.targets.shape[1]
-                    model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=shape[0],
-                                        image_size=shape[1], target_dim=dim, epochs=ec.epochs,
-                                        batch_size=ec.batch_size,
-                                        seed=ctx.seed_for("eval", "init", enc, seed), device=dev)
-                    if pset is None:
-                        bn_idx = torch.randperm(len(data), generator=ctx.generator("eval", "bn", seed))[:k]
-                        recompute_bn_stats(model, data.images[bn_idx], data.mean, data.std)
-                    if teacher_test is not None and test is not None and dim == target_dim:
-                        fid = teacher_fidelity(model, test.images, teacher_test, data.mean, data.std,
-                                               device=dev)
-                        row["fidelity_r2"], row["fidelity_cosine"] = fid["r2"], fid["cosine"]
-                    for ds in downstream:
-                        row.update(downstream_metrics(
-                            model.features, data.mean, data.std, ds, ec.label_fractions, label_seed,
-                            knn_k=ec.knn_k, finetune=(model, ec.finetune_epochs), device=dev))
-                row["seconds"] = round(time.perf_counter() - t0, 1)
-                rows.append(row)
-                ctx.log.info("eval: %s", {k_: (round(v, 4) if isinstance(v, float) else v)
-                                          for k_, v in row.items()})
-                bar.update(1)
+        teacher_row = teacher_rows.get(seed)
+        enc = encoder_label(model_cfg)
+        t0 = time.perf_counter()
+        row: dict[str, Any] = {"set": title, "encoder": enc, "seed": seed}
+        if what == "teacher":
+            assert teacher is not None
+            if teacher_row is None:
+                teacher_row = teacher_rows[seed] = {}
+                for ds in downstream:
+                    teacher_row.update(downstream_metrics(
+                        teacher.features, tuple(tmeta["mean"]), tuple(tmeta["std"]), ds,
+                        ec.label_fractions, label_seed, knn_k=ec.knn_k, device=dev))
+            row.update(teacher_row)
+        else:
+            pset = what if isinstance(what, PretrainSet) else (
+                None if what == "none" else base.pretrain_set(what, seed))
+            dim = target_dim if pset is None else pset.targets.shape[1]
+            model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=shape[0],
+                                image_size=shape[1], target_dim=dim, epochs=ec.epochs,
+                                batch_size=ec.batch_size,
+                                seed=ctx.seed_for("eval", "init", enc, seed), device=dev)
+            if pset is None:
+                bn_idx = torch.randperm(len(data), generator=ctx.generator("eval", "bn", seed))[:k]
+                recompute_bn_stats(model, data.images[bn_idx], data.mean, data.std)
+            if teacher_test is not None and test is not None and dim == target_dim:
+                fid = teacher_fidelity(model, test.images, teacher_test, data.mean, data.std,
+                                       device=dev)
+                row["fidelity_r2"], row["fidelity_cosine"] = fid["r2"], fid["cosine"]
+            for ds in downstream:
+                row.update(downstream_metrics(
+                    model.features, data.mean, data.std, ds, ec.label_fractions, label_seed,
+                    knn_k=ec.knn_k, finetune=(model, ec.finetune_epochs), device=dev))
+        row["seconds"] = round(time.perf_counter() - t0, 1)
+        rows.append(row)
+        ctx.log.info("eval: %s", {k_: (round(v, 4) if isinstance(v, float) else v)
+                                  for k_, v in row.items()})
+        bar.update(1)
     bar.close()
+    rows = _in_job_order(rows, len(jobs))
     result = {
         "format": FORMAT, "source": cfg.source.name, "num_images": k,
         "protocol": {"encoders": [{"arch": m.arch, "kwargs": m.kwargs} for m in encoders],
@@ -204,7 +209,17 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
                       "loss": own.metadata.get("matching_loss") or own.metadata.get("krr_loss")},
         "rows": rows, "summary": summarize(rows),
     }
-    out_dir = ctx.run_dir if out is None else Path(out)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_results(out_dir, result)
+    if is_main():
+        out_dir = ctx.run_dir if out is None else Path(out)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_results(out_dir, result)
     return result
+
+
+def _in_job_order(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:
+    """Every rank's rows (rank r ran jobs r, r + W, ...), in job order, on every rank."""
+    w = world_size()
+    if w == 1:
+        return rows
+    per_rank = all_gather_objects(rows)
+    return [per_rank[i % w][i // w] for i in range(n)]

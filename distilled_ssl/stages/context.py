@@ -15,6 +15,7 @@ from tqdm.auto import tqdm
 
 from ..config import RunConfig
 from ..data.sources import ImageSet, load_source, seeded_subset
+from ..distributed import local_rank, world_size
 from ..errors import ConfigError, DeviceError
 from ..models.encoders import Encoder, build_model
 
@@ -40,10 +41,13 @@ class RunContext:
 
     @property
     def device(self) -> torch.device:
+        """The configured device; under torchrun, ``cuda`` means this rank's GPU (``LOCAL_RANK``)."""
         dev = torch.device(self.cfg.device)
         if dev.type == "cuda" and not torch.cuda.is_available():
             raise DeviceError(f"device {self.cfg.device!r} asked for but CUDA is not available; "
                                "use --device cpu")
+        if dev.type == "cuda" and dev.index is None and world_size() > 1:
+            return torch.device("cuda", local_rank())
         return dev
 
     @cached_property

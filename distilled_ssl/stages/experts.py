@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from ..data.sources import normalize
+from ..distributed import rank, world_size
 from ..errors import ArtifactError, ConfigError, DivergenceError
 from ..io import load_rows, load_tensors, read_metadata, save_tensors, verify_tensors
 from ..layout import EXPERT_PATTERN, EXPERTS_DIR, TARGETS_FILE
@@ -104,13 +105,15 @@ def run_experts(ctx: RunContext, *, force: bool = False) -> list[Path]:
     return the finished expert files in index order.
 
     Several processes (``run`` or ``experts`` on one ``--out``) share the work through lock files;
-    a lock whose holder died, or that was not renewed for ``LOCK_LEASE_S``, is taken over.
+    a lock whose holder died, or that was not renewed for ``LOCK_LEASE_S``, is taken over. Under
+    torchrun, rank r trains (or waits for) only the experts k = r mod world size; the caller ends
+    the stage with a barrier.
     """
     fp = experts_fingerprint(ctx)
     reps = load_targets(ctx)
     done: dict[int, Path] = {}
     busy: list[int] = []
-    for k in range(ctx.cfg.experts.num_experts):
+    for k in range(rank(), ctx.cfg.experts.num_experts, world_size()):
         if _claim_or_reuse(ctx, k, reps, fp, force=force, done=done) is None:
             busy.append(k)
     if busy:

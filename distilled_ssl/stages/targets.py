@@ -13,6 +13,7 @@ from pathlib import Path
 
 import torch
 
+from ..distributed import all_gather_rows, is_main, shard, world_size
 from ..errors import ArtifactError, DivergenceError
 from ..io import check_fingerprint, load_tensors, read_metadata, save_tensors
 from ..layout import TARGETS_FILE, TEACHER_FILE
@@ -31,7 +32,10 @@ def targets_fingerprint(ctx: RunContext) -> str:
 
 
 def run_targets(ctx: RunContext, *, force: bool = False) -> Path:
-    """Stage 2: write ``targets.safetensors`` = teacher features [N, D] of the training images."""
+    """Stage 2: write ``targets.safetensors`` = teacher features [N, D] of the training images.
+
+    Under torchrun each rank extracts a contiguous shard (whole batches); rank 0 writes the
+    gathered rows, the same file one process writes."""
     out = ctx.path(TARGETS_FILE)
     fp = targets_fingerprint(ctx)
     if not force and check_fingerprint(out, fp, "targets"):
@@ -49,10 +53,14 @@ def run_targets(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("targets: adapting %dx%dx%d source images to the teacher's %dx%dx%d input", c, h, h,
                      inp["channels"], inp["size"], inp["size"])
     t0 = time.perf_counter()
+    batch = ctx.cfg.targets.batch_size
+    mine = shard(len(data), batch)
     with torch.inference_mode():
-        reps = extract(encoder.features, data.images, tuple(meta["mean"]), tuple(meta["std"]),
-                       batch_size=ctx.cfg.targets.batch_size, device=str(dev),
-                       channels_last=channels_last)
+        reps = (extract(encoder.features, data.images[mine.start:mine.stop], tuple(meta["mean"]),
+                        tuple(meta["std"]), batch_size=batch, device=str(dev),
+                        channels_last=channels_last)
+                if len(mine) else torch.empty(0, encoder.feature_dim))
+    reps = all_gather_rows(reps, [len(shard(len(data), batch, of=r)) for r in range(world_size())])
     dt = time.perf_counter() - t0
     if not torch.isfinite(reps).all():
         raise DivergenceError("the teacher produced non-finite representations")
@@ -65,7 +73,8 @@ def run_targets(ctx: RunContext, *, force: bool = False) -> Path:
             "teacher_mean": meta["mean"], "teacher_std": meta["std"]}
     if "input" in meta:  # a loaded teacher's own input (the mean/std above: what it is given)
         info["teacher_input"] = {**meta["input"], "adapted": bool(meta.get("adapt_input"))}
-    save_tensors(out, tensors, info)
+    if is_main():
+        save_tensors(out, tensors, info)
     return out
 
 

@@ -22,9 +22,11 @@ from typing import Any
 
 import torch
 from torch import nn
+from torch.nn.parallel import DistributedDataParallel
 
 from ..data.augment import SSLAugment
 from ..data.sources import normalize
+from ..distributed import is_main, shard, world_size
 from ..errors import ArtifactError, ConfigError
 from ..io import check_fingerprint, file_sha256, load_tensors, read_metadata, save_tensors
 from ..layout import TEACHER_FILE
@@ -122,6 +124,8 @@ def run_teacher(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("teacher: loaded %s (%s, %d-d features)", tc.weights, arch, encoder.feature_dim)
     else:
         encoder, losses = train_teacher(ctx)
+        if not is_main():  # DDP: rank 0 probes and writes the teacher
+            return out
         meta = {}
         arch, kwargs = tc.model.arch, tc.model.kwargs
         mean, std = data.mean, data.std
@@ -178,19 +182,26 @@ class _SSLModel(nn.Module):
         return self.projector(self.encoder.features(x))
 
 
-def ssl_loss(method: str, *, lambda_offdiag: float = 5e-3, temperature: float = 0.5
-             ) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
-    """``teacher.method``'s loss of two views' projections."""
+def ssl_loss(method: str, *, lambda_offdiag: float = 5e-3, temperature: float = 0.5,
+             gather_distributed: bool = False) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``teacher.method``'s loss of two views' projections (of the whole batch over the torchrun
+    ranks with ``gather_distributed``)."""
     if method == "barlow_twins":
-        return partial(barlow_twins_loss, lambda_offdiag=lambda_offdiag)
+        return partial(barlow_twins_loss, lambda_offdiag=lambda_offdiag,
+                       gather_distributed=gather_distributed)
     if method == "simclr":
-        return partial(nt_xent_loss, temperature=temperature)
+        return partial(nt_xent_loss, temperature=temperature, gather_distributed=gather_distributed)
     raise ConfigError(f"unknown teacher.method {method!r}")
 
 
 def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
     """``teacher.method`` (Barlow Twins or SimCLR, the same augmentations) on the source training
     split (AdamW, warmup + cosine), resumable per epoch.
+
+    Under torchrun it is DDP: every rank draws the same seeded permutation and augmentations and
+    trains on its contiguous slice of each global batch (no sampler padding), with SyncBN on CUDA;
+    the loss is the whole batch's. Batch norm on CPU sees the rank's slice, and the gradients are
+    summed in another order, so the teacher is close to, not the same as, one process's.
 
     Returns the encoder and the mean loss of each epoch."""
     _cfg, tc = ctx.cfg, ctx.cfg.teacher
@@ -202,6 +213,12 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
         model = _SSLModel(encoder, tc.projector)
     channels_last = dev.type == "cpu"
     model = model.to(dev, memory_format=torch.channels_last) if channels_last else model.to(dev)
+    ranks = world_size()
+    forward: nn.Module = model
+    if ranks > 1:
+        if dev.type == "cuda":
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        forward = DistributedDataParallel(model, device_ids=[dev.index] if dev.type == "cuda" else None)
     opt = torch.optim.AdamW(model.parameters(), lr=tc.lr, weight_decay=tc.weight_decay)
     n = len(data)
     if n < tc.batch_size:
@@ -216,7 +233,9 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
         return tc.lr * 0.5 * (1 + math.cos(math.pi * (step - warm) / max(1, total - warm)))
 
     aug = SSLAugment(data.mean, data.std)
-    loss_fn = ssl_loss(tc.method, lambda_offdiag=tc.lambda_offdiag, temperature=tc.temperature)
+    loss_fn = ssl_loss(tc.method, lambda_offdiag=tc.lambda_offdiag, temperature=tc.temperature,
+                       gather_distributed=ranks > 1)
+    mine = shard(tc.batch_size)  # this rank's rows of each global batch
     loss_name = {"barlow_twins": "Barlow Twins", "simclr": "SimCLR"}[tc.method]
     start_epoch, losses = _resume_teacher(ctx, model, opt)
     partial_file = ctx.path(_PARTIAL)
@@ -233,11 +252,13 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
                 group["lr"] = lr_at(step)
             idx = order[i * tc.batch_size:(i + 1) * tc.batch_size]
             x = normalize(data.images[idx].to(dev), data.mean, data.std)
-            v1, v2 = aug(x, g), aug(x, g)
+            v1, v2 = aug(x, g), aug(x, g)  # of the global batch: the one process's random draws
+            if ranks > 1:
+                v1, v2 = v1[mine.start:mine.stop], v2[mine.start:mine.stop]
             if channels_last:
                 v1 = v1.contiguous(memory_format=torch.channels_last)
                 v2 = v2.contiguous(memory_format=torch.channels_last)
-            loss = loss_fn(model(v1), model(v2))
+            loss = loss_fn(forward(v1), forward(v2))
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -248,11 +269,13 @@ def train_teacher(ctx: RunContext) -> tuple[Encoder, list[float]]:
         losses.append(running / steps_per_epoch)
         ctx.log.info("teacher epoch %d/%d: %s loss %.3g, %.0f images/s", epoch + 1, tc.epochs,
                      loss_name, losses[-1], 2 * steps_per_epoch * tc.batch_size / dt)
-        tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
-        tensors.update(_optimizer_tensors(opt))
-        save_tensors(partial_file, tensors, {"epoch": epoch + 1, "fingerprint": fp, "losses": losses})
+        if is_main():
+            tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+            tensors.update(_optimizer_tensors(opt))
+            save_tensors(partial_file, tensors, {"epoch": epoch + 1, "fingerprint": fp, "losses": losses})
     encoder = model.encoder.to(memory_format=torch.contiguous_format).eval()
-    partial_file.unlink(missing_ok=True)
+    if is_main():
+        partial_file.unlink(missing_ok=True)
     return encoder, losses
 
 

@@ -23,7 +23,8 @@ from ..init import init_fingerprint
 IMAGE_ENCODING = "float16 pixels in [0, 1] scale (un-normalised, not clamped)"
 # Fields added after runs were made: left out of the fingerprint while at their default.
 _ADDED_DEFAULTS: dict[str, Any] = {"clamp": False, "smooth": 0.0, "image_optimizer": "sgd",
-                                   "targets_anchor": 0.0, "eval_every": 0, "keep": "last"}
+                                   "targets_anchor": 0.0, "eval_every": 0, "keep": "last",
+                                   "samples_per_iteration": 1}
 
 
 def distill_fingerprint(ctx: RunContext) -> str:

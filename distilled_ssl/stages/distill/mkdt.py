@@ -16,12 +16,15 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from ...data.sources import normalize
+from ...distributed import all_gather_rows, is_main, rank, world_size
 from ...errors import ArtifactError, ConfigError, DivergenceError
 from ...io import read_metadata, save_tensors
 from ...layout import CURVE_FILE, DISTILLED_FILE, STATE_FILE
@@ -32,7 +35,7 @@ from ..experts import ExpertFile, list_experts
 from ..init import load_init
 from ..targets import load_targets
 from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
-from .matching import minibatches
+from .matching import MatchResult, minibatches
 from .monitor import KEEP_METRIC, SnapshotScorer, build_scorer, save_curve
 from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
 
@@ -85,7 +88,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     bounds = pixel_range(data.mean, data.std, dev) if d.clamp else None
     start_images = normalize(data.images[index].to(dev), data.mean, data.std) if d.smooth else None
     teacher = TeacherOnSet(ctx) if d.targets_anchor > 0 else None
-    scorer = build_scorer(ctx) if d.eval_every else None
+    scorer = build_scorer(ctx) if d.eval_every and is_main() else None
     curve: list[dict[str, Any]] = state["meta"].get("curve", [])
     best = {n: state[f"best.{n}"] for n in ("images", "targets", "lr") if f"best.{n}" in state}
     if scorer is not None and not curve:
@@ -93,14 +96,10 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
     progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, d.iterations):
-        ef = _expert_for(ctx, experts, it)
-        g = ctx.generator("distill", it)
-        s = int(torch.randint(max_start, (1,), generator=g))
-        theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
-        batches = [b.to(dev) for b in minibatches(k, d.batch_syn, d.syn_steps, g)]
-        res = matcher(flat, theta0, theta_target, images, targets, lr, batches)
-        grads = {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}
-        loss = float(res.loss)
+        loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
+                                        partial(_sample_gradient, ctx, experts, it, flat=flat,
+                                                matcher=matcher, images=images, targets=targets,
+                                                lr=lr, span=span, max_start=max_start))
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
@@ -130,13 +129,15 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
         if scorer is not None and (done % d.eval_every == 0 or done == d.iterations):
             _score(ctx, scorer, curve, best, done, images, targets, lr, history)
-        if done % d.checkpoint_every == 0 or done == d.iterations:
+        if is_main() and (done % d.checkpoint_every == 0 or done == d.iterations):
             extra = {f"sq.{n}": v for n, v in sq.items()}
             extra.update({f"best.{n}": v for n, v in best.items()})
             _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
                         {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp,
                          "curve": curve}, extra)
     bar.close()
+    if not is_main():  # rank 0 writes the set (every rank holds the same one)
+        return out
     kept = None
     if d.keep == "best" and best:
         kept = max(curve, key=lambda p: p[KEEP_METRIC])
@@ -170,7 +171,52 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
                  time.perf_counter() - t0)
 
 
+def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int, flat: FlatParams,
+                     matcher: Callable[..., MatchResult], images: torch.Tensor, targets: torch.Tensor,
+                     lr: torch.Tensor, span: int, max_start: int,
+                     ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Trajectory sample ``j`` of iteration ``it`` (its expert, start and minibatches seeded by
+    both; sample 0 is the one sample of ``samples_per_iteration: 1``): loss, gradients, start."""
+    d, dev = ctx.cfg.distill, images.device
+    ef = _expert_for(ctx, experts, it * d.samples_per_iteration + j)
+    g = ctx.generator("distill", it) if j == 0 else ctx.generator("distill", it, "sample", j)
+    s = int(torch.randint(max_start, (1,), generator=g))
+    theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
+    batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
+    res = matcher(flat, theta0, theta_target, images, targets, lr, batches)
+    return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, s
+
+
+def _meta_gradient(ctx: RunContext, params: dict[str, torch.Tensor],
+                   sample: Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor], int]],
+                   ) -> tuple[float, dict[str, torch.Tensor], int]:
+    """The iteration's loss and gradients (w.r.t. ``params``) averaged over its
+    ``samples_per_iteration`` samples, and sample 0's start. Under torchrun rank r computes the
+    samples j = r mod world size; every rank gathers them all (copies) and sums them in sample
+    order, so any number of ranks gives the same bits."""
+    n, ranks = ctx.cfg.distill.samples_per_iteration, world_size()
+    ref = params["images"]
+    rows = torch.zeros(len(range(rank(), n, ranks)), 2 + sum(p.numel() for p in params.values()),
+                       dtype=ref.dtype, device=ref.device)
+    for row, j in zip(rows, range(rank(), n, ranks), strict=True):
+        loss, grads, start = sample(j)  # row = [loss, start, gradients in params' order]
+        row[:2] = torch.tensor([float(loss), start])
+        torch.cat([grads[name].reshape(-1) for name in params], out=row[2:])
+    counts = [len(range(r, n, ranks)) for r in range(ranks)]
+    gathered = all_gather_rows(rows, counts)
+    offsets = [sum(counts[:r]) for r in range(ranks)]
+    total = gathered[0]
+    for j in range(1, n):
+        total = total + gathered[offsets[j % ranks] + j // ranks]
+    total = total / n
+    sizes = [p.numel() for p in params.values()]
+    grads = {name: g.view_as(p) for (name, p), g in
+             zip(params.items(), total[2:].split(sizes), strict=True)}
+    return float(total[0]), grads, int(gathered[0, 1])
+
+
 def _expert_for(ctx: RunContext, experts: list[ExpertFile], it: int) -> ExpertFile:
+    """The expert of trajectory sample ``it`` (a fresh seeded order per cycle through them)."""
     cycle, pos = divmod(it, len(experts))
     order = torch.randperm(len(experts), generator=ctx.generator("distill", "cycle", cycle))
     return experts[int(order[pos])]
