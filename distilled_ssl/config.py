@@ -155,6 +155,7 @@ class DistillConfig:
     targets_anchor: float = 0.0  # each iteration, move target reps this fraction of the way to the
     # teacher's reps of the current images (0 = free, 1 = relabel by the teacher)
     eval_every: int = 0  # score a snapshot on the source.holdout images every N iterations (0 = off)
+    eval_seeds: int = 1  # encoder inits each score averages (one seed's score is noisy: README)
     keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out fidelity
     samples_per_iteration: int = 1  # MKDT: average the meta-gradients of this many trajectory
     # samples per iteration (split over torchrun ranks; the result is the same for any number)
@@ -268,6 +269,7 @@ class RunConfig:
         _choice(self, "distill.image_optimizer", {"sgd", "adam"})
         _choice(self, "distill.keep", {"last", "best"})
         _non_negative(self, "distill.eval_every")
+        _positive(self, "distill.eval_seeds")
         if not 0 <= self.distill.smooth <= 0.25:
             raise ConfigError(f"distill.smooth must be in [0, 0.25] (a stable diffusion step), got "
                               f"{self.distill.smooth}")

@@ -24,7 +24,7 @@ IMAGE_ENCODING = "float16 pixels in [0, 1] scale (un-normalised, not clamped)"
 # Fields added after runs were made: left out of the fingerprint while at their default.
 _ADDED_DEFAULTS: dict[str, Any] = {"clamp": False, "smooth": 0.0, "image_optimizer": "sgd",
                                    "targets_anchor": 0.0, "eval_every": 0, "keep": "last",
-                                   "samples_per_iteration": 1}
+                                   "samples_per_iteration": 1, "eval_seeds": 1}
 
 
 def distill_fingerprint(ctx: RunContext) -> str:

@@ -46,16 +46,23 @@ class SnapshotScorer:
     probe_labels: torch.Tensor | None
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+        """The mean of each metric over ``distill.eval_seeds`` encoder inits (the same every time)."""
+        runs = [self._one(images, targets, lr, seed) for seed in range(self.ctx.cfg.distill.eval_seeds)]
+        return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+
+    def _one(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor, seed: int
+             ) -> dict[str, float]:
         cfg, data = self.ctx.cfg, self.ctx.train_set
         model_cfg = cfg.eval.model or cfg.student
         c, h, _ = data.shape
         dev = str(self.ctx.device)
         pset = PretrainSet("snapshot", images.detach(), targets.detach(), float(lr))
+        # seed 0 keeps the seed that one-seed curves were scored with
+        tags = ("distill", "monitor") if seed == 0 else ("distill", "monitor", seed)
         try:
             model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=c, image_size=h,
                                 target_dim=targets.shape[1], epochs=cfg.eval.epochs,
-                                batch_size=cfg.eval.batch_size,
-                                seed=self.ctx.seed_for("distill", "monitor"), device=dev)
+                                batch_size=cfg.eval.batch_size, seed=self.ctx.seed_for(*tags), device=dev)
         except DivergenceError:
             return {KEEP_METRIC: float("-inf")}
         val_f = extract(model.eval().features, self.val_images, data.mean, data.std, device=dev)

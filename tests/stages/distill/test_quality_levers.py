@@ -164,6 +164,7 @@ def test_kmeans_init_runs_in_the_pipeline(tiny_cfg: RunConfig, tmp_path: Path) -
     ("distill.targets_anchor=2", "distill.targets_anchor"),
     ("distill.image_optimizer=lbfgs", "distill.image_optimizer"),
     ("init.method=kcentre", "init.method"),
+    ("distill.eval_seeds=0", "distill.eval_seeds"),
 ])
 def test_bad_lever_values_are_refused(tiny_cfg: RunConfig, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -178,3 +179,22 @@ def test_new_fields_at_their_defaults_keep_old_fingerprints(tiny_cfg: RunConfig,
     assert distill_fingerprint(ctx) == before
     ctx.cfg.distill.clamp = True
     assert distill_fingerprint(ctx) != before
+
+
+def test_eval_seeds_average_scores_over_encoder_inits(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    ctx = prepare_run(_monitored(tiny_cfg), tmp_path / "seeds", progress=False)
+    run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
+    data = ctx.train_set
+    index = load_tensors(ctx.path("init.safetensors"))[0]["indices"]
+    m, s = (torch.tensor(v).view(1, -1, 1, 1) for v in (data.mean, data.std))
+    images = (data.images[index].float() / 255 - m) / s
+    targets = load_tensors(ctx.path("targets.safetensors"))[0]["target_reps"][index]
+    one = build_scorer(ctx)(images, targets, torch.tensor(0.1))
+    ctx.cfg.distill.eval_seeds = 3
+    scorer = build_scorer(ctx)
+    three = scorer(images, targets, torch.tensor(0.1))
+    assert three == scorer(images, targets, torch.tensor(0.1))  # the same inits every time
+    runs = [scorer._one(images, targets, torch.tensor(0.1), seed) for seed in range(3)]
+    assert runs[0] == one  # seed 0 is the one-seed score
+    assert three["fidelity_r2"] == pytest.approx(sum(r["fidelity_r2"] for r in runs) / 3)
+    assert len({r["fidelity_r2"] for r in runs}) == 3
