@@ -82,7 +82,7 @@ STAGE_HELP = {  # the building stages of pipeline.STAGES
     "teacher": "Stage 1: train (Barlow Twins) or load the SSL teacher.",
     "targets": "Stage 2: teacher representations of every source image.",
     "experts": "Stage 3: KD expert trajectories (several processes may share --out).",
-    "init": "Stage 4: pick the initial synthetic set (high-loss or random).",
+    "init": "Stage 4: pick the initial synthetic set (high-loss, random or k-means).",
     "distill": "Stage 5: trajectory matching → distilled.safetensors + distilled.png.",
 }  # stage 6 is the `evaluate` command
 for _name, _help in STAGE_HELP.items():
