@@ -133,12 +133,16 @@ def test_a_rank_killed_mid_experts_resumes_without_redoing_finished_ones(
     job = _torchrun(TWO_RANKS, "experts", "--config",
                     str(tmp_path / "long.yaml"), "--out", str(run), "-q")
     deadline = time.monotonic() + TIMEOUT_S
-    locks: list[Path] = []  # rank 1 trains experts 1 and 3
-    while not (locks and (experts / "expert_00000.safetensors").exists()):
+    while True:  # rank 1 trains experts 1 and 3: kill it while it holds one, once expert 0 is done
         assert time.monotonic() < deadline and job.poll() is None, "rank 1 was never caught training"
-        time.sleep(0.02)
         locks = sorted(experts.glob("expert_0000[13].lock"))
-    os.kill(json.loads(locks[0].read_text())["pid"], signal.SIGKILL)
+        if locks and (experts / "expert_00000.safetensors").exists():
+            try:
+                os.kill(json.loads(locks[0].read_text())["pid"], signal.SIGKILL)
+                break
+            except (FileNotFoundError, ValueError):  # released (or being written) meanwhile: look again
+                pass
+        time.sleep(0.02)
     _finish(job, check=False)
     finished = {p.name: p.stat().st_mtime_ns for p in experts.glob("expert_*[0-9].safetensors")}
     assert 0 < len(finished) < 4
