@@ -363,14 +363,20 @@ class RunConfig:
         if inp.std is not None and min(inp.std) <= 0:
             raise ConfigError("teacher.input.std must be > 0")
 
-    def section_hash(self, *sections: str) -> str:
-        """A short fingerprint of some config sections (artifacts are reused only on a match)."""
+    def hashed_dict(self) -> dict[str, Any]:
+        """:meth:`to_dict` without the fields added after runs were made while they are at their
+        default, so fingerprints of older runs stay valid."""
         data = self.to_dict()
-        for dotted, default in _HASHED_WHEN_SET.items():  # keeps older runs' fingerprints valid
+        for dotted, default in _HASHED_WHEN_SET.items():
             parent, key = dotted.rsplit(".", 1)
             node = _lookup(data, parent)
             if node.get(key) == default:
                 del node[key]
+        return data
+
+    def section_hash(self, *sections: str) -> str:
+        """A short fingerprint of some config sections (artifacts are reused only on a match)."""
+        data = self.hashed_dict()
         blob = json.dumps({s: _lookup(data, s) for s in sections}, sort_keys=True)
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
@@ -381,6 +387,9 @@ _FLOAT_TEXT = re.compile(r"[-+]?(\d+\.?\d*|\.\d+)([eE][-+]?\d+)?")
 _HASHED_WHEN_SET: dict[str, Any] = {
     "source.holdout": 0, "teacher.method": "barlow_twins", "teacher.checkpoint": None,
     "teacher.key_map": {}, "teacher.input": None, "teacher.temperature": 0.5,
+    "distill.clamp": False, "distill.smooth": 0.0, "distill.image_optimizer": "sgd",
+    "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
+    "distill.samples_per_iteration": 1, "distill.eval_seeds": 1,
 }
 
 

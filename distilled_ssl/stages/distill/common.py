@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import statistics
 import time
-from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
@@ -21,10 +20,6 @@ from ..context import RunContext, combine
 from ..init import init_fingerprint
 
 IMAGE_ENCODING = "float16 pixels in [0, 1] scale (un-normalised, not clamped)"
-# Fields added after runs were made: left out of the fingerprint while at their default.
-_ADDED_DEFAULTS: dict[str, Any] = {"clamp": False, "smooth": 0.0, "image_optimizer": "sgd",
-                                   "targets_anchor": 0.0, "eval_every": 0, "keep": "last",
-                                   "samples_per_iteration": 1, "eval_seeds": 1}
 
 
 def distill_fingerprint(ctx: RunContext) -> str:
@@ -33,8 +28,7 @@ def distill_fingerprint(ctx: RunContext) -> str:
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
     skip = {"iterations", "log_every", "checkpoint_every"} | ({"krr_st"} if d.method == "mkdt" else set())
-    keys = {k: v for k, v in asdict(d).items()
-            if k not in skip and not (k in _ADDED_DEFAULTS and v == _ADDED_DEFAULTS[k])}
+    keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}
     return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
 
 
