@@ -1,17 +1,25 @@
-"""Seconds per distillation iteration and peak memory, per matching mode and syn_steps.
+"""Seconds per distillation iteration and peak memory, side by side against a reference-equivalent row.
 
-Each (mode, syn_steps) cell runs in its own process so that its peak RSS is its own. The
-"overhead" column is an iteration's time divided by the time of ``syn_steps`` plain SGD steps
-(forward, backward, update; no second-order graph) on the same model and minibatch size.
+The **reference** row is the plain algorithm the MKDT reference code runs: every inner step unrolled
+with ``create_graph``, one backward at the end, PyTorch's own ``nn.GroupNorm`` (composite double
+backward), fp32, contiguous tensors. Every other row is this library's matcher with some of its
+options; "speed-up" is the reference's time at the same ``syn_steps`` divided by the row's, measured in
+the same run on the same shapes (same model, same parameter count, same minibatches).
 
-    python benchmarks/distill_step.py                      # the cpu-fmnist-2pct shapes
-    python benchmarks/distill_step.py --steps 10 20 40 80 --target-dim 512 --out results.md
+Each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 cells
+also report the cosine of their image / target-rep gradients against the fp32 adjoint gradients of the
+same trajectory.
+
+    python benchmarks/distill_step.py                  # the paper's shapes: 3x32x32, 1,000 images, 512-d
+    python benchmarks/distill_step.py --size 28 --channels 1 --target-dim 128 --images 1100  # the CPU demo
+    python benchmarks/distill_step.py --device cuda --width 128 --batch 256 --steps 20 40 80
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import resource
 import statistics
@@ -21,14 +29,41 @@ import time
 
 import torch
 
+# name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc)
+VARIANTS: dict[str, tuple[str, str, str, bool, bool]] = {
+    "reference": ("unrolled", "fp32", "0", True, False),
+    "unrolled": ("unrolled", "fp32", "0", False, False),
+    "adjoint": ("adjoint", "fp32", "0", False, False),
+    "adjoint keep all": ("adjoint", "fp32", "all", False, False),
+    "adjoint keep half": ("adjoint", "fp32", "half", False, False),
+    "adjoint bf16": ("adjoint", "bf16", "0", False, False),
+    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False),
+    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True),
+    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True),
+}
+DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep half", "adjoint keep all", "adjoint bf16",
+           "adjoint bf16 keep all"]
+# glibc: keep freed blocks for reuse instead of returning them to the OS (no page faults per step)
+TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
-def _setup(args: argparse.Namespace):
+
+def _setup(args: argparse.Namespace, native_norm: bool):
+    from torch import nn
+
     from distilled_ssl.models.encoders import FlatParams, build_model
+    from distilled_ssl.models.instance_norm import InstanceNorm2d
 
     torch.manual_seed(0)
     model = build_model("convnet", in_channels=args.channels, image_size=args.size,
                         output_dim=args.target_dim, depth=args.depth, width=args.width,
                         norm=args.norm).to(args.device)
+    if native_norm:  # the reference's layer: PyTorch's GroupNorm, same parameters
+        for mod in list(model.modules()):
+            for name, child in list(mod.named_children()):
+                if isinstance(child, InstanceNorm2d):
+                    ref = nn.GroupNorm(child.num_groups, child.num_channels).to(args.device)
+                    ref.load_state_dict(child.state_dict())
+                    setattr(mod, name, ref)
     flat = FlatParams(model)
     theta0 = flat.flatten().to(args.device)
     target = theta0 + 0.01 * torch.randn_like(theta0)
@@ -42,111 +77,103 @@ def _sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
+def _keep(spec: str, steps: int) -> int:
+    return {"all": steps, "half": steps // 2}[spec] if spec in ("all", "half") else int(spec)
+
+
 def cell(args: argparse.Namespace) -> dict:
-    """One (mode, syn_steps) measurement, in this process."""
+    """One (variant, syn_steps) measurement, in this process."""
     from distilled_ssl.registry import MATCHERS
     from distilled_ssl.stages.distill.matching import minibatches
 
+    mode, precision, keep, native, _ = VARIANTS[args.variant]
     torch.set_num_threads(args.threads)
-    _model, flat, theta0, target, images, reps = _setup(args)
+    _model, flat, theta0, target, images, reps = _setup(args, native)
     lr = torch.tensor(0.1, device=args.device)
-    fn = MATCHERS[args.mode]
-    times = []
+    fn = MATCHERS[mode]
+    kw = {"precision": precision, "keep_graphs": _keep(keep, args.syn_steps)}
+    times, first = [], None
     for rep in range(args.repeats + 1):
         batches = [b.to(args.device) for b in
                    minibatches(args.images, args.batch, args.syn_steps, torch.Generator().manual_seed(rep))]
         _sync(args.device)
         t0 = time.perf_counter()
-        res = fn(flat, theta0, target, images, reps, lr, batches)
+        res = fn(flat, theta0, target, images, reps, lr, batches, **kw)
         float(res.loss)
         _sync(args.device)
         if rep:  # the first is warm-up
             times.append(time.perf_counter() - t0)
+        else:
+            first = (res, batches)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
-    return {"seconds": statistics.median(times), "peak_rss_mib": peak, "cuda_peak_mib": cuda_peak}
-
-
-def plain_sgd_step_seconds(args: argparse.Namespace) -> float:
-    """Median time of one plain SGD training step on a minibatch of ``batch`` images."""
-    from distilled_ssl.models.losses import kd_loss
-
-    torch.set_num_threads(args.threads)
-    model, _, _, _, images, reps = _setup(args)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01)
-    x, y = images[:args.batch], reps[:args.batch]
-    times = []
-    for rep in range(25):
-        _sync(args.device)
-        t0 = time.perf_counter()
-        loss = kd_loss(model(x), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        _sync(args.device)
-        if rep >= 5:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+    out = {"seconds": statistics.median(times), "peak_rss_mib": peak, "cuda_peak_mib": cuda_peak,
+           "parameters": flat.size}
+    if precision != "fp32":
+        res, batches = first
+        exact = MATCHERS["adjoint"](flat, theta0, target, images, reps, lr, batches)
+        out["cosine"] = {n: float(torch.nn.functional.cosine_similarity(
+            getattr(res, n).flatten().double(), getattr(exact, n).flatten().double(), dim=0))
+            for n in ("grad_images", "grad_targets")}
+    return out
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
-    p.add_argument("--modes", nargs="+", default=["adjoint", "unrolled"])
-    p.add_argument("--images", type=int, default=1200, help="synthetic set size")
+    p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"rows, from: {', '.join(VARIANTS)}")
+    p.add_argument("--images", type=int, default=1000, help="synthetic set size (2%% of CIFAR-10)")
     p.add_argument("--batch", type=int, default=128, help="batch_syn")
-    p.add_argument("--size", type=int, default=28)
-    p.add_argument("--channels", type=int, default=1)
+    p.add_argument("--size", type=int, default=32)
+    p.add_argument("--channels", type=int, default=3)
     p.add_argument("--depth", type=int, default=3)
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--norm", default="instance")
-    p.add_argument("--target-dim", type=int, default=128)
+    p.add_argument("--target-dim", type=int, default=512)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the table (Markdown) to this file")
-    p.add_argument("--cell", nargs=2, metavar=("MODE", "STEPS"), help=argparse.SUPPRESS)
+    p.add_argument("--cell", nargs=2, metavar=("VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
-        args.mode, args.syn_steps = args.cell[0], int(args.cell[1])
+        args.variant, args.syn_steps = args.cell[0], int(args.cell[1])
         print(json.dumps(cell(args)))
         return
     base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("images", "batch", "size", "channels", "depth", "width", "norm", "target_dim",
                      "repeats", "threads", "device")]
-    plain = plain_sgd_step_seconds(args)
     rows = []
     for steps in args.steps:
-        for mode in args.modes:
-            cmd = [sys.executable, __file__, *base, "--cell", mode, str(steps)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+        for variant in args.variants:
+            env = dict(os.environ, **(TUNED_MALLOC if VARIANTS[variant][4] else {}))
+            cmd = [sys.executable, __file__, *base, "--cell", variant, str(steps)]
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
             r = json.loads(out.strip().splitlines()[-1])
-            r.update(mode=mode, syn_steps=steps, overhead=r["seconds"] / (steps * plain))
+            r.update(variant=variant, syn_steps=steps)
             rows.append(r)
-            print(f"  {mode:9s} syn_steps={steps:3d}: {r['seconds']:.2f} s/it, "
+            print(f"  {variant:30s} syn_steps={steps:3d}: {r['seconds']:.2f} s/it, "
                   f"peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
-    head = (f"ConvNet depth {args.depth} width {args.width} ({args.norm} norm), "
-            f"{args.channels}x{args.size}x{args.size} images, batch_syn {args.batch}, "
-            f"{args.target_dim}-d targets, {args.threads} threads, {args.device}; "
-            f"torch {torch.__version__}, {platform.processor() or platform.machine()}; "
-            f"plain SGD step {plain * 1000:.1f} ms")
-    lines = [head, "", "| mode | syn_steps | s / iteration | peak RSS (MiB) | overhead factor |",
-             "|---|---|---|---|---|"]
+    ref = {r["syn_steps"]: r["seconds"] for r in rows if r["variant"] == "reference"}
+    head = (f"ConvNet depth {args.depth} width {args.width} ({args.norm} norm), {rows[0]['parameters']:,} "
+            f"parameters; {args.images} synthetic {args.channels}x{args.size}x{args.size} images, batch_syn "
+            f"{args.batch}, {args.target_dim}-d targets; {args.threads} threads, {args.device}; torch "
+            f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+    lines = [head, "", "| variant | mode | precision | keep_graphs | syn_steps | s / iteration | speed-up vs "
+             "reference | peak RSS (MiB) | bf16 grad cosine (images / targets) |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
+        mode, precision, keep, _, _ = VARIANTS[r["variant"]]
         mem = f"{r['peak_rss_mib']:.0f}"
         if r["cuda_peak_mib"] is not None:
             mem += f" (CUDA {r['cuda_peak_mib']:.0f})"
-        lines.append(f"| {r['mode']} | {r['syn_steps']} | {r['seconds']:.2f} | {mem} | {r['overhead']:.2f} |")
-    by = {(r["mode"], r["syn_steps"]): r for r in rows}
-    ratios = [(n, by[("adjoint", n)]["seconds"] / by[("unrolled", n)]["seconds"],
-               1 + 1 / by[("unrolled", n)]["overhead"]) for n in args.steps
-              if ("adjoint", n) in by and ("unrolled", n) in by]
-    if ratios:
-        # adjoint = the unrolled mode's work (forward with graph + one double backward per step)
-        # plus one plain forward sweep that finds theta_1..theta_N: its floor is 1 + 1/overhead.
-        lines += ["", "| syn_steps | adjoint ÷ unrolled | floor (1 + 1 / unrolled overhead) |",
-                  "|---|---|---|"]
-        lines += [f"| {n} | {ratio:.2f} | {floor:.2f} |" for n, ratio, floor in ratios]
+        speed = f"{ref[r['syn_steps']] / r['seconds']:.2f}x" if r["syn_steps"] in ref else "-"
+        cos = (f"{r['cosine']['grad_images']:.4f} / {r['cosine']['grad_targets']:.4f}"
+               if "cosine" in r else "-")
+        kept = "all" if mode == "unrolled" else _keep(keep, r["syn_steps"])
+        lines.append(f"| {r['variant']} | {mode} | {precision} | {kept} | "
+                     f"{r['syn_steps']} | {r['seconds']:.2f} | {speed} | {mem} | {cos} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

@@ -159,6 +159,10 @@ class DistillConfig:
     keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out fidelity
     samples_per_iteration: int = 1  # MKDT: average the meta-gradients of this many trajectory
     # samples per iteration (split over torchrun ranks; the result is the same for any number)
+    precision: str = "fp32"  # "fp32" (exact) | "bf16": the inner steps under bfloat16 autocast
+    # (fp32 master copies of images, targets, lr and parameters; faster on AMX CPUs and GPUs)
+    keep_graphs: int = 0  # adjoint mode: keep the graphs of the last N inner steps from the
+    # forward sweep instead of recomputing them (memory for time; same result)
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
 
 
@@ -268,6 +272,8 @@ class RunConfig:
         _choice(self, "distill.method", set(DISTILL_METHODS))
         _choice(self, "distill.image_optimizer", {"sgd", "adam"})
         _choice(self, "distill.keep", {"last", "best"})
+        _choice(self, "distill.precision", {"fp32", "bf16"})
+        _non_negative(self, "distill.keep_graphs")
         _non_negative(self, "distill.eval_every")
         _positive(self, "distill.eval_seeds")
         if not 0 <= self.distill.smooth <= 0.25:
@@ -389,7 +395,8 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "teacher.key_map": {}, "teacher.input": None, "teacher.temperature": 0.5,
     "distill.clamp": False, "distill.smooth": 0.0, "distill.image_optimizer": "sgd",
     "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
-    "distill.samples_per_iteration": 1, "distill.eval_seeds": 1,
+    "distill.samples_per_iteration": 1, "distill.eval_seeds": 1, "distill.precision": "fp32",
+    "distill.keep_graphs": 0,
 }
 
 

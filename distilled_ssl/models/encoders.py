@@ -18,6 +18,7 @@ from torch.func import functional_call
 
 from ..errors import ConfigError, UnknownArchError
 from ..registry import MODELS
+from .instance_norm import InstanceNorm2d
 
 __all__ = ["Encoder", "FlatParams", "UnknownArchError", "build_model", "check_arch", "list_models",
            "seeded"]
@@ -25,7 +26,7 @@ __all__ = ["Encoder", "FlatParams", "UnknownArchError", "build_model", "check_ar
 
 def _norm2d(kind: str, channels: int) -> nn.Module:
     if kind == "instance":  # the MKDT/MTT "instancenorm": GroupNorm with one group per channel
-        return nn.GroupNorm(channels, channels, affine=True)
+        return InstanceNorm2d(channels)  # = nn.GroupNorm(channels, channels), closed-form derivatives
     if kind == "batch":
         return nn.BatchNorm2d(channels)
     if kind == "none":

@@ -27,7 +27,9 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if not ctx.path(INIT_FILE).exists():
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
-    skip = {"iterations", "log_every", "checkpoint_every"} | ({"krr_st"} if d.method == "mkdt" else set())
+    skip = {"iterations", "log_every", "checkpoint_every", "keep_graphs"}  # keep_graphs: same bits
+    if d.method == "mkdt":
+        skip.add("krr_st")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}
     return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
 

@@ -8,11 +8,18 @@ gradients of ``loss`` with respect to the synthetic images X, target reps Y and 
 * ``adjoint`` stores only theta_0..theta_N, then walks back carrying dL/dtheta, recomputing one
   step at a time and taking one Hessian-vector product per step; peak activation memory is that
   of a single step, whatever N is. The backward walk replays the forward minibatches exactly,
-  so batch-norm students (batch statistics) work too.
+  so batch-norm students (batch statistics) work too. ``keep_graphs=M`` keeps the graphs of the
+  last M steps from the forward sweep, so the walk does not recompute them (memory for time; the
+  result is the same).
+
+``precision="bf16"`` runs each step's forward and backward under bfloat16 autocast (fp32
+accumulation; images, targets, lr and the student's parameters stay fp32 master copies);
+``"fp32"`` is exact.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 
 import torch
@@ -31,22 +38,37 @@ class MatchResult:
     grad_lr: torch.Tensor
 
 
+PRECISIONS = ("fp32", "bf16")
+
+
 def _step_loss(flat: FlatParams, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return kd_loss(flat.call(theta, x), y)
+    return kd_loss(flat.call(theta, x).to(y.dtype), y)  # bf16 autocast: the loss in fp32
+
+
+def autocast(precision: str, device: torch.device) -> contextlib.AbstractContextManager[None]:
+    """The autocast context of ``precision`` on ``device`` (a no-op for fp32)."""
+    if precision == "fp32":
+        return contextlib.nullcontext()
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
                    images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
-                   batches: list[torch.Tensor]) -> MatchResult:
-    """Reference mode: unroll all steps with ``create_graph`` and take one backward."""
+                   batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
+                   ) -> MatchResult:
+    """Reference mode: unroll all steps with ``create_graph`` and take one backward (every graph
+    is kept: ``keep_graphs`` has nothing to change)."""
     x_leaf = images.detach().requires_grad_(True)
     y_leaf = targets.detach().requires_grad_(True)
     lr_leaf = lr.detach().requires_grad_(True)
     theta = theta0.detach().requires_grad_(True)
     start = theta
     for idx in batches:
-        loss = _step_loss(flat, theta, x_leaf[idx], y_leaf[idx])
-        (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+        with autocast(precision, images.device):
+            loss = _step_loss(flat, theta, x_leaf[idx], y_leaf[idx])
+            (g,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - lr_leaf * g
     denom = (start.detach() - theta_target).pow(2).sum()
     match = (theta - theta_target).pow(2).sum() / denom
@@ -56,17 +78,26 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.T
 
 def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
                   images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
-                  batches: list[torch.Tensor]) -> MatchResult:
-    """Exact gradients with memory constant in the number of steps (reverse-mode adjoint walk)."""
+                  batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
+                  ) -> MatchResult:
+    """Exact gradients with memory constant in the number of steps (reverse-mode adjoint walk);
+    the last ``keep_graphs`` steps keep their graphs from the forward sweep (memory grows by that
+    many steps' graphs; the walk skips recomputing them)."""
     x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
+    n = len(batches)
     thetas = [theta0.detach()]
-    theta = thetas[0]
-    for idx in batches:  # forward: parameters only, no second-order graph
-        th = theta.detach().requires_grad_(True)
-        loss = _step_loss(flat, th, x_all[idx], y_all[idx])
-        (g,) = torch.autograd.grad(loss, th)
-        theta = (th.detach() - eta * g)
-        thetas.append(theta)
+    kept: dict[int, tuple[torch.Tensor, ...]] = {}
+    for i, idx in enumerate(batches):  # forward: parameters only, no second-order graph ...
+        th = thetas[i].detach().requires_grad_(True)
+        if i >= n - keep_graphs:  # ... except the kept steps
+            th, g, xb, yb = _step_graph(flat, th, x_all, y_all, idx, precision)
+            kept[i] = (th, g, xb, yb)
+            g = g.detach()
+        else:
+            with autocast(precision, x_all.device):
+                loss = _step_loss(flat, th, x_all[idx], y_all[idx])
+                (g,) = torch.autograd.grad(loss, th)
+        thetas.append(th.detach() - eta * g)
     diff = thetas[-1] - theta_target
     denom = (thetas[0] - theta_target).pow(2).sum()
     match = diff.pow(2).sum() / denom
@@ -74,20 +105,33 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
     gx = torch.zeros_like(x_all)
     gy = torch.zeros_like(y_all)
     glr = torch.zeros((), dtype=eta.dtype, device=eta.device)
-    for i in range(len(batches) - 1, -1, -1):  # backward: one step's graph at a time
+    for i in range(n - 1, -1, -1):  # backward: one step's graph at a time
         idx = batches[i]
-        th = thetas[i].detach().requires_grad_(True)
-        xb = x_all[idx].requires_grad_(True)
-        yb = y_all[idx].requires_grad_(True)
-        loss = _step_loss(flat, th, xb, yb)
-        (g,) = torch.autograd.grad(loss, th, create_graph=True)
+        if i in kept:
+            th, g, xb, yb = kept.pop(i)
+        else:
+            th, g, xb, yb = _step_graph(flat, thetas[i].detach().requires_grad_(True), x_all, y_all,
+                                        idx, precision)
         hv, jx, jy = torch.autograd.grad(g, [th, xb, yb], grad_outputs=adj)
         glr -= torch.dot(g.detach(), adj)
         gx.index_add_(0, idx, -eta * jx)
         gy.index_add_(0, idx, -eta * jy)
         adj = adj - eta * hv
+        del g, th, xb, yb
         thetas[i + 1] = thetas[i + 1][:0]  # free what the walk no longer needs
     return MatchResult(match.detach(), gx, gy, glr)
+
+
+def _step_graph(flat: FlatParams, th: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor,
+                idx: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
+    """One inner step's gradient g(theta, X_b, Y_b) with its graph kept (for one Hessian-vector
+    product): (theta leaf, g, X_b leaf, Y_b leaf)."""
+    xb = x_all[idx].requires_grad_(True)
+    yb = y_all[idx].requires_grad_(True)
+    with autocast(precision, x_all.device):
+        loss = _step_loss(flat, th, xb, yb)
+        (g,) = torch.autograd.grad(loss, th, create_graph=True)
+    return th, g, xb, yb
 
 
 def minibatches(k: int, batch: int, steps: int, generator: torch.Generator) -> list[torch.Tensor]:

@@ -183,7 +183,8 @@ def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int
     s = int(torch.randint(max_start, (1,), generator=g))
     theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
     batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
-    res = matcher(flat, theta0, theta_target, images, targets, lr, batches)
+    res = matcher(flat, theta0, theta_target, images, targets, lr, batches, precision=d.precision,
+                  keep_graphs=d.keep_graphs)
     return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, s
 
 

@@ -65,3 +65,41 @@ def test_minibatches_cycle_through_every_image() -> None:
     assert set(torch.cat(batches[:2]).tolist()) | set() <= set(range(10))
     assert len(set(torch.cat(batches[:2]).tolist())) == 8  # no repeats within a permutation
     assert len(minibatches(3, 8, 2, torch.Generator())[0]) == 3  # batch capped at the set size
+
+
+def _float32_problem(steps: int = 6) -> tuple:
+    torch.manual_seed(0)
+    model = build_model("convnet", in_channels=3, image_size=16, output_dim=8, depth=2, width=8)
+    flat = FlatParams(model)
+    theta0 = flat.flatten()
+    target = theta0 + 0.01 * torch.randn_like(theta0)
+    images, reps = torch.randn(24, 3, 16, 16), torch.randn(24, 8)
+    batches = minibatches(24, 8, steps, torch.Generator().manual_seed(0))
+    return flat, theta0, target, images, reps, torch.tensor(0.1), batches
+
+
+@pytest.mark.parametrize("keep", [1, 3, 6, 50])
+def test_keep_graphs_gives_the_same_bits(keep: int) -> None:
+    args = _float32_problem()
+    ref = match_adjoint(*args)
+    kept = match_adjoint(*args, keep_graphs=keep)
+    for name in ("loss", "grad_images", "grad_targets", "grad_lr"):
+        assert torch.equal(getattr(kept, name), getattr(ref, name)), name
+
+
+@pytest.mark.parametrize("matcher", [match_adjoint, match_unrolled])
+def test_bf16_gradients_agree_with_fp32(matcher) -> None:
+    args = _float32_problem()
+    exact = matcher(*args)
+    fast = matcher(*args, precision="bf16")
+    for name in ("grad_images", "grad_targets"):
+        a, b = getattr(fast, name), getattr(exact, name)
+        assert a.dtype == torch.float32
+        assert torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0) > 0.99
+    assert not torch.equal(fast.grad_images, exact.grad_images)  # it did run in bf16
+    torch.testing.assert_close(fast.loss, exact.loss, rtol=1e-2, atol=0)
+
+
+def test_unknown_precision_is_refused() -> None:
+    with pytest.raises(ValueError, match="precision"):
+        match_adjoint(*_float32_problem(), precision="fp8")

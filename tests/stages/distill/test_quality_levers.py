@@ -168,6 +168,8 @@ def test_kmeans_init_runs_in_the_pipeline(tiny_cfg: RunConfig, tmp_path: Path) -
     ("distill.image_optimizer=lbfgs", "distill.image_optimizer"),
     ("init.method=kcentre", "init.method"),
     ("distill.eval_seeds=0", "distill.eval_seeds"),
+    ("distill.precision=fp16", "distill.precision"),
+    ("distill.keep_graphs=-1", "distill.keep_graphs"),
 ])
 def test_bad_lever_values_are_refused(tiny_cfg: RunConfig, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
@@ -180,6 +182,11 @@ def test_new_fields_at_their_defaults_keep_old_fingerprints(tiny_cfg: RunConfig,
     before = distill_fingerprint(ctx)
     ctx.cfg.distill.eval_every = 0  # unchanged default
     assert distill_fingerprint(ctx) == before
+    ctx.cfg.distill.keep_graphs = 5  # same result, so the same set
+    assert distill_fingerprint(ctx) == before
+    ctx.cfg.distill.precision = "bf16"
+    assert distill_fingerprint(ctx) != before
+    ctx.cfg.distill.precision = "fp32"
     ctx.cfg.distill.clamp = True
     assert distill_fingerprint(ctx) != before
 

@@ -1,0 +1,153 @@
+"""Instance norm (GroupNorm with one group per channel) with closed-form first and second derivatives.
+
+Trajectory matching differentiates the inner training step, so it needs the *derivative of the
+backward* of every layer. PyTorch's group norm gets that second derivative from a composite of
+generic ops, and its kernels are slow on channels-last tensors (which the ConvNet's convolutions
+and pooling prefer on CPU). :class:`InstanceNorm2d` is a drop-in :class:`torch.nn.GroupNorm`
+(same parameters, same state-dict keys, same outputs up to rounding) whose forward, backward and
+double backward are closed forms that run on either memory layout without copies.
+
+Per (image, channel) group of M = H·W values: ``xhat = (x - mean) * r`` with
+``r = (var + eps)^-1/2`` and ``y = w * xhat + b``. With ``P(v) = v - mean(v) - xhat * mean(xhat * v)``
+(symmetric in the group's inner product):
+
+* backward: ``gx = r * w * P(gy)``, ``gw = sum(gy * xhat)``, ``gb = sum(gy)``;
+* double backward, given ``a = dL/dgx``, ``aw = dL/dgw``, ``ab = dL/dgb``:
+  ``dL/dgy = r * w * P(a) + aw * xhat + ab``, ``dL/dw = sum(r * a * P(gy))`` and
+  ``dL/dx = aw * r * P(gy) - r^2 * w * <a, P(gy)> / M * xhat - r^2 * P(s * gy + c * a)``
+  with ``s = w * <a, xhat> / M`` and ``c = w * <xhat, gy> / M``.
+
+Every output is a per-group linear combination of a few tensors, so each is a couple of fused
+passes after a handful of per-group reductions.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+
+class _Groups:
+    """Views of [N, C, H, W] tensors as [N, C, HW] (contiguous) or [N, HW, C] (channels-last), with
+    per-group reductions along HW; per-group scalars broadcast against those views."""
+
+    def __init__(self, x: torch.Tensor) -> None:
+        self.shape = x.shape
+        n, c, h, w = x.shape
+        self.m = h * w
+        self.last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
+        self.dim = 1 if self.last else 2
+        self.group_shape = (n, 1, c) if self.last else (n, c, 1)
+        self.channel_shape = (1, 1, c) if self.last else (1, c, 1)
+
+    def view(self, t: torch.Tensor) -> torch.Tensor:
+        n, c, h, w = self.shape
+        if self.last:
+            return t.permute(0, 2, 3, 1).reshape(n, h * w, c)
+        return t.reshape(n, c, h * w)
+
+    def new(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """A new [N, C, H, W] tensor in this layout, and its group view (to write into)."""
+        out = torch.empty(self.shape, dtype=like.dtype, device=like.device,
+                          memory_format=torch.channels_last if self.last else torch.contiguous_format)
+        return out, self.view(out)
+
+    def sum(self, t: torch.Tensor) -> torch.Tensor:
+        return t.sum(self.dim, keepdim=True)
+
+    def channel(self, t: torch.Tensor) -> torch.Tensor:
+        return t.view(self.channel_shape)
+
+    def per_channel(self, t: torch.Tensor) -> torch.Tensor:
+        """Sum per-group scalars over images → [C]."""
+        return t.sum(0).reshape(-1)
+
+
+class _InstanceNormBackward(torch.autograd.Function):
+    """The backward of instance norm as a function of (gy, x, w), with its own closed-form backward."""
+
+    @staticmethod
+    def forward(ctx: Any, gy: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                mean: torch.Tensor, rstd: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        n, c, h, w = x.shape
+        gx, gw, gb = torch.ops.aten.native_group_norm_backward(  # PyTorch's fused kernel
+            gy.contiguous(), x, mean, rstd, weight, n, c, h * w, c, [True, True, True])
+        ctx.save_for_backward(gy, x, weight, mean, rstd)
+        return gx, gw, gb
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, a: torch.Tensor | None, aw: torch.Tensor | None, ab: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | None, ...]:
+        gy, x, weight, mean, rstd = ctx.saved_tensors
+        g = _Groups(x)
+        m, r, w = g.m, rstd.view(g.group_shape), g.channel(weight)
+        gyv = g.view(gy)
+        xhat = (g.view(x) - mean.view(g.group_shape)) * rstd.view(g.group_shape)
+        zero = torch.zeros((), dtype=x.dtype, device=x.device)
+        aw3 = zero if aw is None else g.channel(aw)
+        ab3 = zero if ab is None else g.channel(ab)
+        s_gy, d_xg = g.sum(gyv), g.sum(xhat * gyv)
+        if a is not None:
+            av = g.view(a)
+            s_a, d_xa = g.sum(av), g.sum(xhat * av)
+            q = g.sum(av * gyv) - (s_a * s_gy + d_xa * d_xg) / m  # <a, P(gy)>
+        else:
+            av, s_a, d_xa, q = None, zero, zero, zero
+        rw, r2 = r * w, r.square()
+        s, c = w * d_xa / m, w * d_xg / m  # P's argument for dL/dx: s * gy + c * a
+        ggy, ggyv = g.new(gy)
+        gx, gxv = g.new(x)
+        torch.addcmul(ab3 - rw * s_a / m, xhat, aw3 - rw * d_xa / m, out=ggyv)
+        torch.addcmul((r2 * (s * s_gy + c * s_a) - aw3 * r * s_gy) / m, gyv, aw3 * r - r2 * s, out=gxv)
+        gxv.addcmul_(xhat, (r2 * (s * d_xg + c * d_xa - w * q) - aw3 * r * d_xg) / m)
+        if av is not None:
+            ggyv.addcmul_(av, rw)
+            gxv.addcmul_(av, -r2 * c)
+            gw = g.per_channel(r * q)
+        else:
+            gw = torch.zeros_like(weight)
+        return ggy, gx, gw, None, None
+
+
+class _InstanceNorm(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float
+                ) -> torch.Tensor:
+        n, c, h, w = x.shape
+        y, mean, rstd = torch.native_group_norm(x, weight, bias, n, c, h * w, c, eps)  # fused
+        ctx.save_for_backward(x, weight, mean, rstd)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight, mean, rstd = ctx.saved_tensors
+        gx, gw, gb = _InstanceNormBackward.apply(gy, x, weight, mean, rstd)
+        return gx, gw, gb, None
+
+
+def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
+                  ) -> torch.Tensor:
+    """Affine instance norm of [N, C, H, W] (= ``F.group_norm(x, C, weight, bias, eps)``), twice
+    differentiable in closed form, on contiguous or channels-last tensors."""
+    if x.is_contiguous():
+        return _InstanceNorm.apply(x, weight, bias, eps)
+    # PyTorch's group-norm kernels are slow on channels-last: run it contiguous, hand back the layout
+    y = _InstanceNorm.apply(x.contiguous(), weight, bias, eps)
+    return y.contiguous(memory_format=torch.channels_last)
+
+
+class InstanceNorm2d(nn.GroupNorm):
+    """``nn.GroupNorm(C, C, affine=True)`` with closed-form first and second derivatives."""
+
+    def __init__(self, channels: int, eps: float = 1e-5) -> None:
+        super().__init__(channels, channels, eps=eps, affine=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 4 or self.weight is None:
+            return F.group_norm(x, self.num_groups, self.weight, self.bias, self.eps)
+        return instance_norm(x, self.weight, self.bias, self.eps)
