@@ -19,6 +19,7 @@ from torch.func import functional_call
 from ..errors import ConfigError, UnknownArchError
 from ..registry import MODELS
 from .instance_norm import InstanceNorm2d
+from .pooling import AvgPool2x2
 
 __all__ = ["Encoder", "FlatParams", "UnknownArchError", "build_model", "check_arch", "list_models",
            "seeded"]
@@ -73,7 +74,7 @@ class ConvNet(Encoder):
         c = in_channels
         for _ in range(depth):
             layers += [nn.Conv2d(c, width, 3, padding=1), _norm2d(norm, width), nn.ReLU(inplace=True),
-                       nn.AvgPool2d(2)]
+                       AvgPool2x2()]  # = nn.AvgPool2d(2), fast derivatives
             c = width
         self.body = nn.Sequential(*layers)
         self.pooling = pooling

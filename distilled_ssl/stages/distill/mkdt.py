@@ -80,6 +80,11 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("distill: %d images, %d experts, %s mode, span %d checkpoints (%d steps), "
                      "start in [0, %d), syn_steps %d, batch %d", k, len(experts), d.mode, span,
                      span * sched.every, max_start, d.syn_steps, min(d.batch_syn, k))
+    if d.samples_per_iteration % world_size() and is_main():
+        ctx.log.warning("distill: %d trajectory sample(s) per iteration on %d ranks: %d rank(s) idle "
+                        "for part of every iteration; set distill.samples_per_iteration to a multiple "
+                        "of the number of ranks", d.samples_per_iteration, world_size(),
+                        world_size() - d.samples_per_iteration % world_size())
     matcher = MATCHERS[d.mode]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
     adam = {"images"} if d.image_optimizer == "adam" else set()
