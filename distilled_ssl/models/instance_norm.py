@@ -2,10 +2,10 @@
 
 Trajectory matching differentiates the inner training step, so it needs the *derivative of the
 backward* of every layer. PyTorch's group norm gets that second derivative from a composite of
-generic ops, and its kernels are slow on channels-last tensors (which the ConvNet's convolutions
-and pooling prefer on CPU). :class:`InstanceNorm2d` is a drop-in :class:`torch.nn.GroupNorm`
-(same parameters, same state-dict keys, same outputs up to rounding) whose forward, backward and
-double backward are closed forms that run on either memory layout without copies.
+generic ops. :class:`InstanceNorm2d` is a drop-in :class:`torch.nn.GroupNorm` (same parameters,
+same state-dict keys, same outputs up to rounding): its forward and backward are PyTorch's fused
+kernels, and the backward's own backward is a closed form (channels-last inputs are run contiguous,
+where PyTorch's group-norm kernels are fast, and handed back channels-last).
 
 Per (image, channel) group of M = H·W values: ``xhat = (x - mean) * r`` with
 ``r = (var + eps)^-1/2`` and ``y = w * xhat + b``. With ``P(v) = v - mean(v) - xhat * mean(xhat * v)``
@@ -17,8 +17,8 @@ Per (image, channel) group of M = H·W values: ``xhat = (x - mean) * r`` with
   ``dL/dx = aw * r * P(gy) - r^2 * w * <a, P(gy)> / M * xhat - r^2 * P(s * gy + c * a)``
   with ``s = w * <a, xhat> / M`` and ``c = w * <xhat, gy> / M``.
 
-Every output is a per-group linear combination of a few tensors, so each is a couple of fused
-passes after a handful of per-group reductions.
+Every output of the double backward is a per-group linear combination of a few tensors, so each
+is a couple of fused passes after a handful of per-group reductions.
 """
 
 from __future__ import annotations
@@ -31,40 +31,14 @@ from torch import nn
 from torch.autograd.function import once_differentiable
 
 
-class _Groups:
-    """Views of [N, C, H, W] tensors as [N, C, HW] (contiguous) or [N, HW, C] (channels-last), with
-    per-group reductions along HW; per-group scalars broadcast against those views."""
+def _groups(t: torch.Tensor) -> torch.Tensor:
+    """[N, C, H, W] → [N, C, H·W]: one row per (image, channel) group."""
+    n, c, h, w = t.shape
+    return t.reshape(n, c, h * w)
 
-    def __init__(self, x: torch.Tensor) -> None:
-        self.shape = x.shape
-        n, c, h, w = x.shape
-        self.m = h * w
-        self.last = not x.is_contiguous() and x.is_contiguous(memory_format=torch.channels_last)
-        self.dim = 1 if self.last else 2
-        self.group_shape = (n, 1, c) if self.last else (n, c, 1)
-        self.channel_shape = (1, 1, c) if self.last else (1, c, 1)
 
-    def view(self, t: torch.Tensor) -> torch.Tensor:
-        n, c, h, w = self.shape
-        if self.last:
-            return t.permute(0, 2, 3, 1).reshape(n, h * w, c)
-        return t.reshape(n, c, h * w)
-
-    def new(self, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """A new [N, C, H, W] tensor in this layout, and its group view (to write into)."""
-        out = torch.empty(self.shape, dtype=like.dtype, device=like.device,
-                          memory_format=torch.channels_last if self.last else torch.contiguous_format)
-        return out, self.view(out)
-
-    def sum(self, t: torch.Tensor) -> torch.Tensor:
-        return t.sum(self.dim, keepdim=True)
-
-    def channel(self, t: torch.Tensor) -> torch.Tensor:
-        return t.view(self.channel_shape)
-
-    def per_channel(self, t: torch.Tensor) -> torch.Tensor:
-        """Sum per-group scalars over images → [C]."""
-        return t.sum(0).reshape(-1)
+def _sum(t: torch.Tensor) -> torch.Tensor:
+    return t.sum(2, keepdim=True)
 
 
 class _InstanceNormBackward(torch.autograd.Function):
@@ -83,35 +57,36 @@ class _InstanceNormBackward(torch.autograd.Function):
     @once_differentiable
     def backward(ctx: Any, a: torch.Tensor | None, aw: torch.Tensor | None, ab: torch.Tensor | None
                  ) -> tuple[torch.Tensor | None, ...]:
+        # Every output is a per-group linear combination of gy, a, xhat and 1: five per-group
+        # reductions, then a few fused passes (module docstring for the formulas).
         gy, x, weight, mean, rstd = ctx.saved_tensors
-        g = _Groups(x)
-        m, r, w = g.m, rstd.view(g.group_shape), g.channel(weight)
-        gyv = g.view(gy)
-        xhat = (g.view(x) - mean.view(g.group_shape)) * rstd.view(g.group_shape)
+        n, c, h, w_ = x.shape
+        m = h * w_
+        r, w = rstd.view(n, c, 1), weight.view(1, c, 1)
+        gyv = _groups(gy)
+        xhat = (_groups(x) - mean.view(n, c, 1)) * r
         zero = torch.zeros((), dtype=x.dtype, device=x.device)
-        aw3 = zero if aw is None else g.channel(aw)
-        ab3 = zero if ab is None else g.channel(ab)
-        s_gy, d_xg = g.sum(gyv), g.sum(xhat * gyv)
+        aw3 = zero if aw is None else aw.view(1, c, 1)
+        ab3 = zero if ab is None else ab.view(1, c, 1)
+        s_gy, d_xg = _sum(gyv), _sum(xhat * gyv)
         if a is not None:
-            av = g.view(a)
-            s_a, d_xa = g.sum(av), g.sum(xhat * av)
-            q = g.sum(av * gyv) - (s_a * s_gy + d_xa * d_xg) / m  # <a, P(gy)>
+            av = _groups(a)
+            s_a, d_xa = _sum(av), _sum(xhat * av)
+            q = _sum(av * gyv) - (s_a * s_gy + d_xa * d_xg) / m  # <a, P(gy)>
         else:
             av, s_a, d_xa, q = None, zero, zero, zero
         rw, r2 = r * w, r.square()
-        s, c = w * d_xa / m, w * d_xg / m  # P's argument for dL/dx: s * gy + c * a
-        ggy, ggyv = g.new(gy)
-        gx, gxv = g.new(x)
-        torch.addcmul(ab3 - rw * s_a / m, xhat, aw3 - rw * d_xa / m, out=ggyv)
-        torch.addcmul((r2 * (s * s_gy + c * s_a) - aw3 * r * s_gy) / m, gyv, aw3 * r - r2 * s, out=gxv)
-        gxv.addcmul_(xhat, (r2 * (s * d_xg + c * d_xa - w * q) - aw3 * r * d_xg) / m)
+        s, cc = w * d_xa / m, w * d_xg / m  # P's argument for dL/dx: s * gy + cc * a
+        ggy = torch.addcmul(ab3 - rw * s_a / m, xhat, aw3 - rw * d_xa / m)
+        gx = torch.addcmul((r2 * (s * s_gy + cc * s_a) - aw3 * r * s_gy) / m, gyv, aw3 * r - r2 * s)
+        gx.addcmul_(xhat, (r2 * (s * d_xg + cc * d_xa - w * q) - aw3 * r * d_xg) / m)
         if av is not None:
-            ggyv.addcmul_(av, rw)
-            gxv.addcmul_(av, -r2 * c)
-            gw = g.per_channel(r * q)
+            ggy.addcmul_(av, rw)
+            gx.addcmul_(av, -r2 * cc)
+            gw = (r * q).sum(0).view(c)
         else:
             gw = torch.zeros_like(weight)
-        return ggy, gx, gw, None, None
+        return ggy.view_as(gy), gx.view_as(x), gw, None, None
 
 
 class _InstanceNorm(torch.autograd.Function):
