@@ -156,7 +156,8 @@ class DistillConfig:
     # teacher's reps of the current images (0 = free, 1 = relabel by the teacher)
     eval_every: int = 0  # score a snapshot on the source.holdout images every N iterations (0 = off)
     eval_seeds: int = 1  # encoder inits each score averages (one seed's score is noisy: README)
-    keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out fidelity
+    keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out score ...
+    keep_metric: str = "fidelity_r2"  # ... of this metric: "fidelity_r2" | "probe" (labelled sources)
     samples_per_iteration: int = 1  # MKDT: average the meta-gradients of this many trajectory
     # samples per iteration (split over torchrun ranks; the result is the same for any number)
     precision: str = "fp32"  # "fp32" (exact) | "bf16": the inner steps under bfloat16 autocast
@@ -272,6 +273,7 @@ class RunConfig:
         _choice(self, "distill.method", set(DISTILL_METHODS))
         _choice(self, "distill.image_optimizer", {"sgd", "adam"})
         _choice(self, "distill.keep", {"last", "best"})
+        _choice(self, "distill.keep_metric", {"fidelity_r2", "probe"})
         _choice(self, "distill.precision", {"fp32", "bf16"})
         _non_negative(self, "distill.keep_graphs")
         _non_negative(self, "distill.eval_every")
@@ -396,7 +398,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.clamp": False, "distill.smooth": 0.0, "distill.image_optimizer": "sgd",
     "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
     "distill.samples_per_iteration": 1, "distill.eval_seeds": 1, "distill.precision": "fp32",
-    "distill.keep_graphs": 0,
+    "distill.keep_graphs": 0, "distill.keep_metric": "fidelity_r2",
 }
 
 

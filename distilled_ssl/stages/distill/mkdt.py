@@ -36,7 +36,7 @@ from ..init import load_init
 from ..targets import load_targets
 from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
 from .matching import MatchResult, minibatches
-from .monitor import KEEP_METRIC, SnapshotScorer, build_scorer, save_curve
+from .monitor import SnapshotScorer, build_scorer, save_curve
 from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
 
 
@@ -145,10 +145,10 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         return out
     kept = None
     if d.keep == "best" and best:
-        kept = max(curve, key=lambda p: p[KEEP_METRIC])
+        kept = max(curve, key=lambda p: p[d.keep_metric])
         images, targets, lr = best["images"], best["targets"], best["lr"]
-        ctx.log.info("distill: keeping the snapshot of iteration %d (held-out fidelity R² %.4f)",
-                     kept["iteration"], kept[KEEP_METRIC])
+        ctx.log.info("distill: keeping the snapshot of iteration %d (held-out %s %.4f)",
+                     kept["iteration"], d.keep_metric, kept[d.keep_metric])
     if curve:
         save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"])
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
@@ -168,7 +168,11 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
     point: dict[str, Any] = {"iteration": done, **scorer(images, targets, lr)}
     if history:
         point["matching_loss"] = rounded_mean(history[-ctx.cfg.distill.eval_every:])
-    if not curve or point[KEEP_METRIC] > max(p[KEEP_METRIC] for p in curve):
+    metric = ctx.cfg.distill.keep_metric
+    if metric not in point:
+        raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "
+                          "source has no labels); use distill.keep_metric=fidelity_r2")
+    if not curve or point[metric] > max(p[metric] for p in curve):
         best.update(images=images.clone(), targets=targets.clone(), lr=lr.clone())
     curve.append(point)
     ctx.log.info("distill %d: held-out %s (%.1f s)", done,

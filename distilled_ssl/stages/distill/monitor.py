@@ -64,7 +64,8 @@ class SnapshotScorer:
                                 target_dim=targets.shape[1], epochs=cfg.eval.epochs,
                                 batch_size=cfg.eval.batch_size, seed=self.ctx.seed_for(*tags), device=dev)
         except DivergenceError:
-            return {KEEP_METRIC: float("-inf")}
+            lost = {KEEP_METRIC: float("-inf")}
+            return lost if self.probe_images is None else {**lost, "probe": float("-inf")}
         val_f = extract(model.eval().features, self.val_images, data.mean, data.std, device=dev)
         with torch.no_grad():
             pred = model.head(val_f.to(dev)).cpu()

@@ -65,6 +65,16 @@ def test_eval_every_draws_the_curve_and_keep_best_keeps_the_best(tiny_cfg: RunCo
         assert not same_artifact(ctx.path("distilled.safetensors"), last.path("distilled.safetensors"))
 
 
+def test_keep_metric_probe_keeps_the_best_probe(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    ctx = _run(_monitored(tiny_cfg, keep="best", keep_metric="probe", lr_img=3e4), tmp_path / "probe")
+    meta = read_metadata(ctx.path("distilled.safetensors"))
+    curve = meta["validation_curve"]
+    first_best = max(curve, key=lambda p: p["probe"])  # max() keeps the earliest of ties
+    assert meta["kept_iteration"] == first_best["iteration"]
+    ctx.cfg.distill.keep_metric = "fidelity_r2"
+    assert distill_fingerprint(ctx) != meta["fingerprint"]
+
+
 def tiny_config_like(cfg: RunConfig) -> RunConfig:
     return RunConfig.from_dict(cfg.to_dict())
 
@@ -170,6 +180,7 @@ def test_kmeans_init_runs_in_the_pipeline(tiny_cfg: RunConfig, tmp_path: Path) -
     ("distill.eval_seeds=0", "distill.eval_seeds"),
     ("distill.precision=fp16", "distill.precision"),
     ("distill.keep_graphs=-1", "distill.keep_graphs"),
+    ("distill.keep_metric=loss", "distill.keep_metric"),
 ])
 def test_bad_lever_values_are_refused(tiny_cfg: RunConfig, override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
