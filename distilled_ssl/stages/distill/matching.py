@@ -24,6 +24,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ...errors import ConfigError
 from ...models.encoders import FlatParams
 from ...models.losses import kd_loss
 
@@ -51,7 +52,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
         return contextlib.nullcontext()
     if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
-    raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    raise ConfigError(f"distill.precision must be one of {PRECISIONS}, got {precision!r}")
 
 
 def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,

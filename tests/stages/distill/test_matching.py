@@ -1,6 +1,7 @@
 import pytest
 import torch
 
+from distilled_ssl.errors import ConfigError
 from distilled_ssl.models.encoders import FlatParams, build_model
 from distilled_ssl.stages.distill.matching import match_adjoint, match_unrolled, minibatches
 
@@ -101,5 +102,5 @@ def test_bf16_gradients_agree_with_fp32(matcher) -> None:
 
 
 def test_unknown_precision_is_refused() -> None:
-    with pytest.raises(ValueError, match="precision"):
+    with pytest.raises(ConfigError, match="precision"):
         match_adjoint(*_float32_problem(), precision="fp8")
