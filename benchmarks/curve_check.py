@@ -66,7 +66,7 @@ def main() -> None:
         for seed in range(args.seeds):
             model = pretrain_kd(enc.arch, enc.kwargs, PretrainSet(name, x, y, lr), in_channels=data.shape[0],
                                 image_size=data.shape[1], target_dim=y.shape[1], epochs=ctx.cfg.eval.epochs,
-                                batch_size=ctx.cfg.eval.batch_size,
+                                batch_size=ctx.cfg.eval.batch_size, precise_bn=ctx.cfg.eval.precise_bn,
                                 seed=ctx.seed_for("eval", "init", label, seed))
             full.append(teacher_fidelity(model, held.images, reps, data.mean, data.std)["r2"])
         sd = statistics.stdev(full) if len(full) > 1 else 0.0

@@ -29,17 +29,21 @@ import time
 
 import torch
 
-# name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc)
-VARIANTS: dict[str, tuple[str, str, str, bool, bool]] = {
-    "reference": ("unrolled", "fp32", "0", True, False),
-    "unrolled": ("unrolled", "fp32", "0", False, False),
-    "adjoint": ("adjoint", "fp32", "0", False, False),
-    "adjoint keep all": ("adjoint", "fp32", "all", False, False),
-    "adjoint keep half": ("adjoint", "fp32", "half", False, False),
-    "adjoint bf16": ("adjoint", "bf16", "0", False, False),
-    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False),
-    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True),
-    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True),
+# name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc,
+#          image gradients). Rows without image gradients do less work than the reference (they
+#          are what targets-only distillation, ``distill.lr_img: 0``, runs), and say so.
+VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool]] = {
+    "reference": ("unrolled", "fp32", "0", True, False, True),
+    "unrolled": ("unrolled", "fp32", "0", False, False, True),
+    "adjoint": ("adjoint", "fp32", "0", False, False, True),
+    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True),
+    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True),
+    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True),
+    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True),
+    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True),
+    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True),
+    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False),
+    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False),
 }
 DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep half", "adjoint keep all", "adjoint bf16",
            "adjoint bf16 keep all"]
@@ -86,12 +90,12 @@ def cell(args: argparse.Namespace) -> dict:
     from distilled_ssl.registry import MATCHERS
     from distilled_ssl.stages.distill.matching import minibatches
 
-    mode, precision, keep, native, _ = VARIANTS[args.variant]
+    mode, precision, keep, native, _, image_grads = VARIANTS[args.variant]
     torch.set_num_threads(args.threads)
     _model, flat, theta0, target, images, reps = _setup(args, native)
     lr = torch.tensor(0.1, device=args.device)
     fn = MATCHERS[mode]
-    kw = {"precision": precision, "keep_graphs": _keep(keep, args.syn_steps)}
+    kw = {"precision": precision, "keep_graphs": _keep(keep, args.syn_steps), "image_grads": image_grads}
     times, first = [], None
     for rep in range(args.repeats + 1):
         batches = [b.to(args.device) for b in
@@ -164,7 +168,7 @@ def main() -> None:
              "reference | peak RSS (MiB) | bf16 grad cosine (images / targets) |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode, precision, keep, _, _ = VARIANTS[r["variant"]]
+        mode, precision, keep, _, _, _ = VARIANTS[r["variant"]]
         mem = f"{r['peak_rss_mib']:.0f}"
         if r["cuda_peak_mib"] is not None:
             mem += f" (CUDA {r['cuda_peak_mib']:.0f})"

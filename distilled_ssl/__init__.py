@@ -50,6 +50,7 @@ _LAZY: dict[str, str] = {
     "downstream_metrics": "evaluation.protocol",
     "knn_accuracy": "evaluation.protocol",
     "pretrain_kd": "models.pretrain",
+    "reestimate_bn_stats": "models.bn_stats",
     "probe_accuracy": "evaluation.protocol",
     "teacher_fidelity": "evaluation.protocol",
     "Baselines": "evaluation.baselines",
@@ -93,6 +94,7 @@ __all__ = [
     "pretrain_kd",
     "probe_accuracy",
     "push_to_hub",
+    "reestimate_bn_stats",
     "run_distill",
     "run_experts",
     "run_init",
@@ -125,6 +127,7 @@ if TYPE_CHECKING:  # pragma: no cover - for type checkers and IDEs only
     from .evaluation.baselines import Baselines
     from .evaluation.protocol import downstream_metrics, knn_accuracy, probe_accuracy, teacher_fidelity
     from .evaluation.run import evaluate_run
+    from .models.bn_stats import reestimate_bn_stats
     from .models.encoders import FlatParams, build_model, list_models
     from .models.losses import barlow_twins_loss, kd_loss
     from .models.pretrain import PretrainSet, pretrain_kd

@@ -176,6 +176,12 @@ class EvalConfig:
     epochs: int = 20  # KD pre-training epochs on a distilled set or a subset of its size
     full_epochs: int = 2  # KD pre-training epochs of the full-data baseline
     batch_size: int = 256
+    # after KD pre-training, re-estimate a batch-norm encoder's running statistics on the set's own
+    # images (models/bn_stats.py); false = the paper's protocol (the EMA statistics as trained)
+    precise_bn: bool = True
+    # the lr of the random / init / high-loss baselines: "init" = distill.lr_init (the paper's
+    # comparison), "set" = the evaluated set's learned lr (how much of a gain is the lr alone)
+    baseline_lr: str = "init"
     model: ModelConfig | None = None  # the evaluation encoder; None = the distillation student
     extra_models: list[ModelConfig] = field(default_factory=list)  # more encoders (cross-arch)
     baselines: list[str] = field(default_factory=lambda: ["none", "random", "init"])
@@ -289,6 +295,7 @@ class RunConfig:
             raise ConfigError("distill.eval_every scores the set on held-out training images: set "
                               "source.holdout (e.g. 5000), or distill.eval_every=0")
         _choice(self, "eval.split", {"test", "validation"})
+        _choice(self, "eval.baseline_lr", {"init", "set"})
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
                   "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",
                   "eval.seeds", "eval.full_epochs")

@@ -14,7 +14,7 @@ from torch.utils.data import DataLoader
 from torchvision.models import resnet18
 from torchvision.transforms import v2
 
-from distilled_ssl import DistilledDataset, kd_loss
+from distilled_ssl import DistilledDataset, kd_loss, reestimate_bn_stats
 
 
 def main(argv: list[str] | None = None) -> float:
@@ -50,6 +50,9 @@ def main(argv: list[str] | None = None) -> float:
             total, n = total + loss.item() * len(images), n + len(images)
         epoch_loss = total / n
         print(f"epoch {epoch + 1}/{args.epochs}  kd loss {epoch_loss:.4f}")
+    # batch-norm running statistics, re-estimated with the final weights (a short large-lr run leaves
+    # the running averages behind the weights: the library's evaluation does the same)
+    reestimate_bn_stats(model, (images.to(args.device) for images, _ in loader))
     if args.save:
         from safetensors.torch import save_file
 

@@ -42,7 +42,8 @@ def _csv(text: str | None) -> list[str] | None:
 
 def _overrides(baselines: str | None, downstream: str | None, fractions: str | None,
                seeds: int | None, epochs: int | None, full_epochs: int | None, knn_k: int | None,
-               finetune_epochs: int | None, split: str | None) -> dict[str, Any]:
+               finetune_epochs: int | None, split: str | None, precise_bn: bool | None = None,
+               baseline_lr: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if baselines is not None:
         out["baselines"] = _csv(baselines)
@@ -54,7 +55,8 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
         except ValueError as exc:
             raise ConfigError(f"--label-fractions {fractions!r}: {exc}") from exc
     for key, value in (("seeds", seeds), ("epochs", epochs), ("full_epochs", full_epochs),
-                       ("knn_k", knn_k), ("finetune_epochs", finetune_epochs), ("split", split)):
+                       ("knn_k", knn_k), ("finetune_epochs", finetune_epochs), ("split", split),
+                       ("precise_bn", precise_bn), ("baseline_lr", baseline_lr)):
         if value is not None:
             out[key] = value
     return out
@@ -76,6 +78,12 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
 @click.option("--epochs", type=int, help="KD pre-training epochs on the small sets.")
 @click.option("--full-epochs", type=int, help="KD pre-training epochs of the full-data baseline.")
 @click.option("--knn-k", type=int, help="k of the kNN classifier (0 = no kNN).")
+@click.option("--precise-bn/--no-precise-bn", default=None,
+              help="Re-estimate batch-norm statistics on each pre-training set's images after "
+              "pre-training (default: on); --no-precise-bn is the paper's protocol.")
+@click.option("--baseline-lr", type=click.Choice(["init", "set"]),
+              help="lr of the subset baselines: distill.lr_init (default, the paper's comparison) or "
+              "the evaluated set's learned lr (how much of a gain is the lr alone).")
 @click.option("--finetune-epochs", type=int, help="Also fine-tune for this many epochs.")
 @click.option("--split", type=click.Choice(["test", "validation"]),
               help="Measure on test splits, or (for tuning) on the run's source.holdout images "
@@ -88,8 +96,9 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
 def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
              fractions: str | None, seeds: int | None, archs: tuple[str, ...],
              compare: tuple[Path, ...], epochs: int | None, full_epochs: int | None,
-             knn_k: int | None, finetune_epochs: int | None, split: str | None, out: Path | None,
-             device: str | None, quiet: bool) -> None:
+             knn_k: int | None, precise_bn: bool | None, baseline_lr: str | None,
+             finetune_epochs: int | None,
+             split: str | None, out: Path | None, device: str | None, quiet: bool) -> None:
     """Pre-train fresh encoders on a distilled set and its baselines; probe downstream sets.
 
     Writes results.json, results.md (mean ± std over seeds) and results.png."""
@@ -110,7 +119,7 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
     else:
         raise ConfigError(f"{run_or_set} is neither a run directory (config.yaml) nor a set folder")
     for key, value in _overrides(baselines, downstream, fractions, seeds, epochs, full_epochs,
-                                 knn_k, finetune_epochs, split).items():
+                                 knn_k, finetune_epochs, split, precise_bn, baseline_lr).items():
         setattr(cfg.eval, key, value)
     if archs:
         models = [parse_arch(a, cfg.student) for a in archs]

@@ -51,10 +51,12 @@ def init_label(method: str, class_balanced: bool) -> str:
 
 @dataclass
 class Baselines:
-    """Builds baseline pre-training sets of ``k`` images for a run (caches what seeds share)."""
+    """Builds baseline pre-training sets of ``k`` images for a run (caches what seeds share).
+    The subset baselines train at ``lr`` (None: ``distill.lr_init``); full-data KD at the experts'."""
 
     ctx: RunContext
     k: int
+    lr: float | None = None
 
     def __post_init__(self) -> None:
         self._scores: torch.Tensor | None = None
@@ -64,12 +66,13 @@ class Baselines:
         """The row label of a baseline."""
         ic = self.ctx.cfg.init
         n = len(self.ctx.train_set)
+        at = "" if self.lr is None else f", lr {self.lr:.3g}"
         return {
             "none": "none (random init)",
-            "random": f"random subset ({self.k:,})",
-            "init": f"init subset ({init_label(ic.method, ic.class_balanced)})",
-            "high_loss": f"high-loss subset ({self.k:,})",
-            "high_loss_balanced": f"high-loss subset, class-balanced ({self.k:,})",
+            "random": f"random subset ({self.k:,}{at})",
+            "init": f"init subset ({init_label(ic.method, ic.class_balanced)}{at})",
+            "high_loss": f"high-loss subset ({self.k:,}{at})",
+            "high_loss_balanced": f"high-loss subset, class-balanced ({self.k:,}{at})",
             "full": f"full-data KD ({n:,})",
             "teacher": "teacher (ceiling)",
         }.get(name) or f"full-data KD ({n:,}), teacher {name.split(':', 1)[1]}"
@@ -77,7 +80,7 @@ class Baselines:
     def pretrain_set(self, name: str, seed: int) -> PretrainSet:
         """The images, reps and lr of a KD baseline (not ``none``/``teacher``) for one seed."""
         ctx, data = self.ctx, self.ctx.train_set
-        lr = ctx.cfg.distill.lr_init
+        lr = ctx.cfg.distill.lr_init if self.lr is None else self.lr
         if name == "random":
             index = torch.randperm(len(data), generator=ctx.generator("eval", "random", seed))[:self.k]
         elif name == "init":

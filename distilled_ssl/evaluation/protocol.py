@@ -16,25 +16,17 @@ import torch.nn.functional as F
 from ..data.downstream import Downstream, stratified_fraction
 from ..data.sources import ImageSet, normalize
 from ..errors import DivergenceError
+from ..models.bn_stats import reestimate_bn_stats
 from ..models.encoders import Encoder, seeded
 from ..models.probe import extract, linear_probe
 
 
-@torch.no_grad()
 def recompute_bn_stats(model: Encoder, images: torch.Tensor, mean: tuple[float, ...],
                        std: tuple[float, ...], batch_size: int = 512) -> None:
     """Re-estimate batch-norm running statistics on real images (for a random-init encoder)."""
-    bns = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
-    if not bns:
-        return
     dev = next(model.parameters()).device
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None  # cumulative average
-    model.train()
-    for i in range(0, len(images), batch_size):
-        model(normalize(images[i:i + batch_size].to(dev), mean, std))
-    model.eval()
+    reestimate_bn_stats(model, (normalize(images[i:i + batch_size].to(dev), mean, std)
+                                for i in range(0, len(images), batch_size)))
 
 
 def teacher_fidelity(model: Encoder, images: torch.Tensor, teacher_reps: torch.Tensor,

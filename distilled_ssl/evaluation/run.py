@@ -128,7 +128,7 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
     k = len(own)
     shape = data.shape
     candidates: list[tuple[str, Any]] = []  # (title, "none" | "teacher" | baseline name | PretrainSet)
-    base = Baselines(ctx, k)
+    base = Baselines(ctx, k, lr=float(own.lr) if ec.baseline_lr == "set" else None)
     for name in ec.baselines:
         candidates.append((base.title(name), name))
     candidates.append((set_title(own), _as_pretrain(own, set_title(own), shape)))
@@ -175,7 +175,7 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
             dim = target_dim if pset is None else pset.targets.shape[1]
             model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=shape[0],
                                 image_size=shape[1], target_dim=dim, epochs=ec.epochs,
-                                batch_size=ec.batch_size,
+                                batch_size=ec.batch_size, precise_bn=ec.precise_bn,
                                 seed=ctx.seed_for("eval", "init", enc, seed), device=dev)
             if pset is None:
                 bn_idx = torch.randperm(len(data), generator=ctx.generator("eval", "bn", seed))[:k]
@@ -199,6 +199,7 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
         "format": FORMAT, "source": cfg.source.name, "num_images": k,
         "protocol": {"encoders": [{"arch": m.arch, "kwargs": m.kwargs} for m in encoders],
                      "epochs": ec.epochs, "full_epochs": ec.full_epochs, "seeds": ec.seeds,
+                     "precise_bn": ec.precise_bn, "baseline_lr": ec.baseline_lr,
                      "label_fractions": ec.label_fractions, "knn_k": ec.knn_k,
                      "finetune_epochs": ec.finetune_epochs, "split": ec.split,
                      "holdout": cfg.source.holdout,

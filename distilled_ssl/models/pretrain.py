@@ -2,7 +2,10 @@
 
 A fresh encoder trained with MSE to the set's target reps (SGD momentum 0.9, weight decay 1e-4,
 lr = the set's learned lr, no augmentation); the encoder's final linear layer maps its pooled
-features to the reps' size. The evaluation and stage 5's validation curve both use it.
+features to the reps' size. With ``precise_bn`` (the default; ``eval.precise_bn``) a batch-norm
+encoder's running statistics are then re-estimated on the set's own images with the final weights
+(:mod:`.bn_stats`; at most ``PRECISE_BN_IMAGES`` of them, a seeded share). The evaluation and
+stage 5's validation curve both use it.
 """
 
 from __future__ import annotations
@@ -12,8 +15,11 @@ from dataclasses import dataclass
 import torch
 
 from ..errors import DivergenceError
+from .bn_stats import has_batchnorm, reestimate_bn_stats
 from .encoders import Encoder, build_model, seeded
 from .losses import kd_loss
+
+PRECISE_BN_IMAGES = 10_000  # images the statistics are re-estimated on (the full-data set: a share)
 
 
 @dataclass
@@ -29,8 +35,9 @@ class PretrainSet:
 
 def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channels: int,
                 image_size: int, target_dim: int, epochs: int = 20, batch_size: int = 256,
-                seed: int = 0, device: str = "cpu") -> Encoder:
-    """A fresh encoder (seeded init) pre-trained with KD on ``pset`` (None: left at random init)."""
+                seed: int = 0, device: str = "cpu", precise_bn: bool = True) -> Encoder:
+    """A fresh encoder (seeded init) pre-trained with KD on ``pset`` (None: left at random init),
+    returned in eval mode."""
     with seeded(seed):
         model = build_model(arch, in_channels=in_channels, image_size=image_size,
                             output_dim=target_dim, **kwargs).to(device)
@@ -52,4 +59,9 @@ def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channel
             opt.step()
     if not all(torch.isfinite(p).all() for p in model.parameters()):
         raise DivergenceError(f"pre-training on {pset.name} diverged (lr {pset.lr:.3g})")
+    if precise_bn and has_batchnorm(model):
+        x = x_all
+        if len(x) > PRECISE_BN_IMAGES:
+            x = x[torch.randperm(len(x), generator=g)[:PRECISE_BN_IMAGES].to(device)]
+        reestimate_bn_stats(model, x.split(batch_size))
     return model.eval()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -27,6 +28,11 @@ def test_evaluate_cli(eval_run: Path, tmp_path: Path) -> None:
                                "--arch", "student", "--label-fractions", "0.25", "--knn-k", "0"])
     assert res.exit_code == 0, res.output
     assert "| random subset (12) |" in res.output and "±" in res.output and "knn" not in res.output
+    assert json.loads((eval_run / "results.json").read_text())["protocol"]["precise_bn"] is True
+    res = runner.invoke(main, ["evaluate", str(eval_run), "--baselines", "none", "--no-precise-bn",
+                               "--out", str(tmp_path / "paper")])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "paper" / "results.json").read_text())["protocol"]["precise_bn"] is False
     res = runner.invoke(main, ["evaluate", str(eval_run), "--baselines", "none,bogus"])
     assert res.exit_code == 1 and "unknown baseline 'bogus'" in res.output
     res = runner.invoke(main, ["evaluate", str(eval_run), "--label-fractions", "0.5,2"])

@@ -37,3 +37,17 @@ def test_baselines(eval_run: Path) -> None:
         check_baselines(["none", "best"])
     with pytest.raises(ConfigError, match="eval.baselines"):
         RunConfig.from_dict({"eval": {"baselines": ["nope"]}}).validate()
+
+
+def test_subset_baselines_can_train_at_the_sets_lr(eval_run: Path) -> None:
+    ctx = eval_context(eval_run)
+    paper, at_set = Baselines(ctx, 12), Baselines(ctx, 12, lr=0.25)
+    for name in ("random", "init"):
+        a, b = paper.pretrain_set(name, 0), at_set.pretrain_set(name, 0)
+        assert a.lr == ctx.cfg.distill.lr_init and b.lr == 0.25
+        assert torch.equal(a.images, b.images) and torch.equal(a.targets, b.targets)
+    assert at_set.pretrain_set("full", 0).lr == paper.pretrain_set("full", 0).lr == ctx.cfg.experts.lr
+    assert at_set.title("random") == "random subset (12, lr 0.25)"
+    assert paper.title("random") == "random subset (12)"
+    with pytest.raises(ConfigError, match="eval.baseline_lr"):
+        RunConfig.from_dict({"eval": {"baseline_lr": "best"}}).validate()

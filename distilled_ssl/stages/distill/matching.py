@@ -15,6 +15,10 @@ gradients of ``loss`` with respect to the synthetic images X, target reps Y and 
 ``precision="bf16"`` runs each step's forward and backward under bfloat16 autocast (fp32
 accumulation; images, targets, lr and the student's parameters stay fp32 master copies);
 ``"fp32"`` is exact.
+
+``image_grads=False`` skips the gradient with respect to the images (``grad_images`` is then
+zeros): targets-only distillation (``distill.lr_img: 0``) does not pay for the first layer's
+input-gradient terms of every step.
 """
 
 from __future__ import annotations
@@ -58,10 +62,10 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
                    images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                    batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
-                   ) -> MatchResult:
+                   image_grads: bool = True) -> MatchResult:
     """Reference mode: unroll all steps with ``create_graph`` and take one backward (every graph
     is kept: ``keep_graphs`` has nothing to change)."""
-    x_leaf = images.detach().requires_grad_(True)
+    x_leaf = images.detach().requires_grad_(image_grads)
     y_leaf = targets.detach().requires_grad_(True)
     lr_leaf = lr.detach().requires_grad_(True)
     theta = theta0.detach().requires_grad_(True)
@@ -73,14 +77,18 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.T
         theta = theta - lr_leaf * g
     denom = (start.detach() - theta_target).pow(2).sum()
     match = (theta - theta_target).pow(2).sum() / denom
-    gx, gy, glr = torch.autograd.grad(match, [x_leaf, y_leaf, lr_leaf])
+    if image_grads:
+        gx, gy, glr = torch.autograd.grad(match, [x_leaf, y_leaf, lr_leaf])
+    else:
+        gy, glr = torch.autograd.grad(match, [y_leaf, lr_leaf])
+        gx = torch.zeros_like(images)
     return MatchResult(match.detach(), gx, gy, glr)
 
 
 def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
                   images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                   batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
-                  ) -> MatchResult:
+                  image_grads: bool = True) -> MatchResult:
     """Exact gradients with memory constant in the number of steps (reverse-mode adjoint walk);
     the last ``keep_graphs`` steps keep their graphs from the forward sweep (memory grows by that
     many steps' graphs; the walk skips recomputing them)."""
@@ -91,7 +99,7 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
     for i, idx in enumerate(batches):  # forward: parameters only, no second-order graph ...
         th = thetas[i].detach().requires_grad_(True)
         if i >= n - keep_graphs:  # ... except the kept steps
-            th, g, xb, yb = _step_graph(flat, th, x_all, y_all, idx, precision)
+            th, g, xb, yb = _step_graph(flat, th, x_all, y_all, idx, precision, image_grads)
             kept[i] = (th, g, xb, yb)
             g = g.detach()
         else:
@@ -112,10 +120,13 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
             th, g, xb, yb = kept.pop(i)
         else:
             th, g, xb, yb = _step_graph(flat, thetas[i].detach().requires_grad_(True), x_all, y_all,
-                                        idx, precision)
-        hv, jx, jy = torch.autograd.grad(g, [th, xb, yb], grad_outputs=adj)
+                                        idx, precision, image_grads)
+        if image_grads:
+            hv, jx, jy = torch.autograd.grad(g, [th, xb, yb], grad_outputs=adj)
+            gx.index_add_(0, idx, -eta * jx)
+        else:
+            hv, jy = torch.autograd.grad(g, [th, yb], grad_outputs=adj)
         glr -= torch.dot(g.detach(), adj)
-        gx.index_add_(0, idx, -eta * jx)
         gy.index_add_(0, idx, -eta * jy)
         adj = adj - eta * hv
         del g, th, xb, yb
@@ -124,10 +135,10 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
 
 
 def _step_graph(flat: FlatParams, th: torch.Tensor, x_all: torch.Tensor, y_all: torch.Tensor,
-                idx: torch.Tensor, precision: str) -> tuple[torch.Tensor, ...]:
+                idx: torch.Tensor, precision: str, image_grads: bool = True) -> tuple[torch.Tensor, ...]:
     """One inner step's gradient g(theta, X_b, Y_b) with its graph kept (for one Hessian-vector
-    product): (theta leaf, g, X_b leaf, Y_b leaf)."""
-    xb = x_all[idx].requires_grad_(True)
+    product): (theta leaf, g, X_b leaf, Y_b leaf); X_b needs no gradient without ``image_grads``."""
+    xb = x_all[idx].requires_grad_(image_grads)
     yb = y_all[idx].requires_grad_(True)
     with autocast(precision, x_all.device):
         loss = _step_loss(flat, th, xb, yb)

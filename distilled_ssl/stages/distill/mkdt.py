@@ -193,7 +193,7 @@ def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int
     theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
     batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
     res = matcher(flat, theta0, theta_target, images, targets, lr, batches, precision=d.precision,
-                  keep_graphs=d.keep_graphs)
+                  keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0)
     return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, s
 
 

@@ -62,7 +62,8 @@ class SnapshotScorer:
         try:
             model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=c, image_size=h,
                                 target_dim=targets.shape[1], epochs=cfg.eval.epochs,
-                                batch_size=cfg.eval.batch_size, seed=self.ctx.seed_for(*tags), device=dev)
+                                batch_size=cfg.eval.batch_size, seed=self.ctx.seed_for(*tags), device=dev,
+                                precise_bn=cfg.eval.precise_bn)
         except DivergenceError:
             lost = {KEEP_METRIC: float("-inf")}
             return lost if self.probe_images is None else {**lost, "probe": float("-inf")}

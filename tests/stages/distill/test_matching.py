@@ -104,3 +104,14 @@ def test_bf16_gradients_agree_with_fp32(matcher) -> None:
 def test_unknown_precision_is_refused() -> None:
     with pytest.raises(ConfigError, match="precision"):
         match_adjoint(*_float32_problem(), precision="fp8")
+
+
+@pytest.mark.parametrize("matcher", [match_adjoint, match_unrolled])
+def test_without_image_grads_targets_and_lr_grads_are_unchanged(matcher) -> None:
+    args = _float32_problem()
+    full = matcher(*args)
+    lean = matcher(*args, image_grads=False, **({"keep_graphs": 2} if matcher is match_adjoint else {}))
+    assert torch.equal(lean.grad_images, torch.zeros_like(full.grad_images))
+    torch.testing.assert_close(lean.loss, full.loss, rtol=1e-6, atol=0)
+    for name in ("grad_targets", "grad_lr"):
+        torch.testing.assert_close(getattr(lean, name), getattr(full, name), rtol=1e-5, atol=1e-9)
