@@ -36,8 +36,8 @@ class PretrainSet:
 def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channels: int,
                 image_size: int, target_dim: int, epochs: int = 20, batch_size: int = 256,
                 seed: int = 0, device: str = "cpu", precise_bn: bool = True) -> Encoder:
-    """A fresh encoder (seeded init) pre-trained with KD on ``pset`` (None: left at random init),
-    returned in eval mode."""
+    """A fresh encoder (seeded init) pre-trained with KD on ``pset`` and put in eval mode (None:
+    returned at random init, untouched)."""
     with seeded(seed):
         model = build_model(arch, in_channels=in_channels, image_size=image_size,
                             output_dim=target_dim, **kwargs).to(device)
