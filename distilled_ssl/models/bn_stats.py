@@ -5,7 +5,7 @@ statistics. After a short pre-training at a large constant learning rate (the 20
 pre-training on a ~1,000-image set is ~100 steps) those averages lag behind the weights, and a
 mismatch between them can wreck the encoder's outputs: on the Fashion-MNIST validation split one
 set scored R² -0.24 as trained and 0.45 with its statistics re-estimated, at a learning rate 4% away
-from one that scored 0.49 / 0.52 (README, "Distillation quality"). Re-estimating them with the final
+from one that scored 0.49 / 0.52 (README, "Evaluation and the quality benchmark"). Re-estimating them with the final
 weights (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021) removes that chaos.
 """
 
@@ -17,9 +17,13 @@ import torch
 from torch import nn
 
 
+def _bn_layers(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    return [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+
 def has_batchnorm(model: nn.Module) -> bool:
     """Whether ``model`` holds any batch-norm layer."""
-    return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+    return bool(_bn_layers(model))
 
 
 @torch.no_grad()
@@ -27,7 +31,7 @@ def reestimate_bn_stats(model: nn.Module, batches: Iterable[torch.Tensor]) -> No
     """Replace every batch-norm layer's running statistics by the plain average of the batch
     statistics over ``batches`` (model inputs), computed with the model's current weights; the model
     is left in eval mode and its layers keep their momentum."""
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    bns = _bn_layers(model)
     if not bns:
         model.eval()
         return
