@@ -5,8 +5,9 @@ statistics. After a short pre-training at a large constant learning rate (the 20
 pre-training on a ~1,000-image set is ~100 steps) those averages lag behind the weights, and a
 mismatch between them can wreck the encoder's outputs: on the Fashion-MNIST validation split one
 set scored R² -0.24 as trained and 0.45 with its statistics re-estimated, at a learning rate 4% away
-from one that scored 0.49 / 0.52 (README, "Evaluation and the quality benchmark"). Re-estimating them with the final
-weights (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021) removes that chaos.
+from one that scored 0.49 / 0.52 (README, "Evaluation and the quality benchmark"). Re-estimating
+them with the final weights (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021) removes that
+chaos.
 """
 
 from __future__ import annotations
