@@ -6,8 +6,9 @@ backward), fp32, contiguous tensors. Every other row is this library's matcher w
 options; "speed-up" is the reference's time at the same ``syn_steps`` divided by the row's, measured in
 the same run on the same shapes (same model, same parameter count, same minibatches).
 
-Each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 cells
-also report the cosine of their image / target-rep gradients against the fp32 adjoint gradients of the
+Each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 and
+compiled cells also report the cosine of their image / target-rep gradients against the fp32 eager
+adjoint gradients of the
 same trajectory.
 
     python benchmarks/distill_step.py                  # the paper's shapes: 3x32x32, 1,000 images, 512-d
@@ -30,23 +31,28 @@ import time
 import torch
 
 # name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc,
-#          image gradients). Rows without image gradients do less work than the reference (they
-#          are what targets-only distillation, ``distill.lr_img: 0``, runs), and say so.
-VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool]] = {
-    "reference": ("unrolled", "fp32", "0", True, False, True),
-    "unrolled": ("unrolled", "fp32", "0", False, False, True),
-    "adjoint": ("adjoint", "fp32", "0", False, False, True),
-    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True),
-    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True),
-    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True),
-    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True),
-    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True),
-    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True),
-    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False),
-    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False),
+#          image gradients, compiled steps). Rows without image gradients do less work than the
+#          reference (they are what targets-only distillation, ``distill.lr_img: 0``, runs), and say so.
+#          Compiled rows (``distill.compile: true``) pay the compile in their warm-up call, reported apart.
+VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool]] = {
+    "reference": ("unrolled", "fp32", "0", True, False, True, False),
+    "unrolled": ("unrolled", "fp32", "0", False, False, True, False),
+    "adjoint": ("adjoint", "fp32", "0", False, False, True, False),
+    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True, False),
+    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True, False),
+    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True, False),
+    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True, False),
+    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True, False),
+    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True, False),
+    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False, False),
+    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False),
+    "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True),
+    "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True),
+    "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True),
+    "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True),
 }
-DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep half", "adjoint keep all", "adjoint bf16",
-           "adjoint bf16 keep all"]
+DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep all", "adjoint bf16", "adjoint compiled",
+           "adjoint bf16 compiled"]
 # glibc: keep freed blocks for reuse instead of returning them to the OS (no page faults per step)
 TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
 
@@ -88,15 +94,18 @@ def _keep(spec: str, steps: int) -> int:
 def cell(args: argparse.Namespace) -> dict:
     """One (variant, syn_steps) measurement, in this process."""
     from distilled_ssl.registry import MATCHERS
+    from distilled_ssl.stages.distill.compiled import CompiledSteps
     from distilled_ssl.stages.distill.matching import minibatches
 
-    mode, precision, keep, native, _, image_grads = VARIANTS[args.variant]
+    mode, precision, keep, native, _, image_grads, compiled = VARIANTS[args.variant]
     torch.set_num_threads(args.threads)
     _model, flat, theta0, target, images, reps = _setup(args, native)
     lr = torch.tensor(0.1, device=args.device)
     fn = MATCHERS[mode]
     kw = {"precision": precision, "keep_graphs": _keep(keep, args.syn_steps), "image_grads": image_grads}
-    times, first = [], None
+    if compiled:
+        kw["steps"] = CompiledSteps(flat, precision=precision, image_grads=image_grads)
+    times, first, warmup = [], None, 0.0
     for rep in range(args.repeats + 1):
         batches = [b.to(args.device) for b in
                    minibatches(args.images, args.batch, args.syn_steps, torch.Generator().manual_seed(rep))]
@@ -108,17 +117,17 @@ def cell(args: argparse.Namespace) -> dict:
         if rep:  # the first is warm-up
             times.append(time.perf_counter() - t0)
         else:
-            first = (res, batches)
+            first, warmup = (res, batches), time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # MiB on Linux
     cuda_peak = torch.cuda.max_memory_allocated() / 2**20 if args.device.startswith("cuda") else None
     out = {"seconds": statistics.median(times), "peak_rss_mib": peak, "cuda_peak_mib": cuda_peak,
-           "parameters": flat.size}
-    if precision != "fp32":
+           "parameters": flat.size, "warmup_seconds": warmup}
+    if precision != "fp32" or compiled:
         res, batches = first
         exact = MATCHERS["adjoint"](flat, theta0, target, images, reps, lr, batches)
         out["cosine"] = {n: float(torch.nn.functional.cosine_similarity(
             getattr(res, n).flatten().double(), getattr(exact, n).flatten().double(), dim=0))
-            for n in ("grad_images", "grad_targets")}
+            for n in ("grad_images", "grad_targets") if image_grads or n == "grad_targets"}
     return out
 
 
@@ -165,19 +174,20 @@ def main() -> None:
             f"{args.batch}, {args.target_dim}-d targets; {args.threads} threads, {args.device}; torch "
             f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
     lines = [head, "", "| variant | mode | precision | keep_graphs | syn_steps | s / iteration | speed-up vs "
-             "reference | peak RSS (MiB) | bf16 grad cosine (images / targets) |",
-             "|---|---|---|---|---|---|---|---|---|"]
+             "reference | peak RSS (MiB) | grad cosine vs fp32 eager (images / targets) | first call (s) |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode, precision, keep, _, _, _ = VARIANTS[r["variant"]]
+        mode, precision, keep, _, _, _, _ = VARIANTS[r["variant"]]
         mem = f"{r['peak_rss_mib']:.0f}"
         if r["cuda_peak_mib"] is not None:
             mem += f" (CUDA {r['cuda_peak_mib']:.0f})"
         speed = f"{ref[r['syn_steps']] / r['seconds']:.2f}x" if r["syn_steps"] in ref else "-"
-        cos = (f"{r['cosine']['grad_images']:.4f} / {r['cosine']['grad_targets']:.4f}"
-               if "cosine" in r else "-")
+        cos = (" / ".join(f"{r['cosine'][n]:.4f}" if n in r["cosine"] else "-"
+                          for n in ("grad_images", "grad_targets")) if "cosine" in r else "-")
         kept = "all" if mode == "unrolled" else _keep(keep, r["syn_steps"])
         lines.append(f"| {r['variant']} | {mode} | {precision} | {kept} | "
-                     f"{r['syn_steps']} | {r['seconds']:.2f} | {speed} | {mem} | {cos} |")
+                     f"{r['syn_steps']} | {r['seconds']:.2f} | {speed} | {mem} | {cos} | "
+                     f"{r['warmup_seconds']:.1f} |")
     table = "\n".join(lines)
     print(table)
     if args.out:

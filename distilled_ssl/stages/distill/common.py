@@ -27,7 +27,8 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if not ctx.path(INIT_FILE).exists():
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
-    skip = {"iterations", "log_every", "checkpoint_every", "keep_graphs"}  # keep_graphs: same bits
+    # keep_graphs: same bits; compile: the same computation up to float rounding
+    skip = {"iterations", "log_every", "checkpoint_every", "keep_graphs", "compile"}
     if d.method == "mkdt":
         skip.add("krr_st")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}

@@ -16,6 +16,9 @@ gradients of ``loss`` with respect to the synthetic images X, target reps Y and 
 accumulation; images, targets, lr and the student's parameters stay fp32 master copies);
 ``"fp32"`` is exact.
 
+``steps`` (a :class:`~.compiled.CompiledSteps`, ``distill.compile: true``) runs the adjoint walk's
+two per-step computations as compiled graphs: the same numbers up to float rounding, faster.
+
 ``image_grads=False`` skips the gradient with respect to the images (``grad_images`` is then
 zeros): targets-only distillation (``distill.lr_img: 0``) does not pay for the first layer's
 input-gradient terms of every step.
@@ -25,12 +28,27 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
 
 from ...errors import ConfigError
 from ...models.encoders import FlatParams
 from ...models.losses import kd_loss
+
+
+class StepFunctions(Protocol):
+    """One inner step's two computations (:class:`~.compiled.CompiledSteps` implements them)."""
+
+    def forward(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor
+                ) -> torch.Tensor:
+        """``theta - eta * g``."""
+        ...
+
+    def reverse(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, adj: torch.Tensor,
+                eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """``(g . adj, H adj, J_x^T adj or None, J_y^T adj)``."""
+        ...
 
 
 @dataclass
@@ -62,9 +80,11 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
                    images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                    batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
-                   image_grads: bool = True) -> MatchResult:
+                   image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
     """Reference mode: unroll all steps with ``create_graph`` and take one backward (every graph
-    is kept: ``keep_graphs`` has nothing to change)."""
+    is kept: ``keep_graphs`` has nothing to change; compiled ``steps`` are the adjoint's only)."""
+    if steps is not None:
+        raise ConfigError("distill.compile needs distill.mode=adjoint")
     x_leaf = images.detach().requires_grad_(image_grads)
     y_leaf = targets.detach().requires_grad_(True)
     lr_leaf = lr.detach().requires_grad_(True)
@@ -88,10 +108,16 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.T
 def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
                   images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                   batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
-                  image_grads: bool = True) -> MatchResult:
+                  image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
     """Exact gradients with memory constant in the number of steps (reverse-mode adjoint walk);
     the last ``keep_graphs`` steps keep their graphs from the forward sweep (memory grows by that
-    many steps' graphs; the walk skips recomputing them)."""
+    many steps' graphs; the walk skips recomputing them). With compiled ``steps`` every step is
+    recomputed by the compiled graphs (``keep_graphs`` must be 0)."""
+    if steps is not None:
+        if keep_graphs:
+            raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
+                              "walk recomputes every step); set one of them")
+        return _match_compiled(steps, theta0, theta_target, images, targets, lr, batches)
     x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
     n = len(batches)
     thetas = [theta0.detach()]
@@ -131,6 +157,33 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
         adj = adj - eta * hv
         del g, th, xb, yb
         thetas[i + 1] = thetas[i + 1][:0]  # free what the walk no longer needs
+    return MatchResult(match.detach(), gx, gy, glr)
+
+
+def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: torch.Tensor,
+                    images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                    batches: list[torch.Tensor]) -> MatchResult:
+    """The adjoint walk of :func:`match_adjoint` with each step's computations compiled."""
+    x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
+    thetas = [theta0.detach()]
+    for idx in batches:
+        thetas.append(steps.forward(thetas[-1], x_all[idx], y_all[idx], eta))
+    diff = thetas[-1] - theta_target
+    denom = (thetas[0] - theta_target).pow(2).sum()
+    match = diff.pow(2).sum() / denom
+    adj = 2 * diff / denom
+    gx = torch.zeros_like(x_all)
+    gy = torch.zeros_like(y_all)
+    glr = torch.zeros((), dtype=eta.dtype, device=eta.device)
+    for i in range(len(batches) - 1, -1, -1):
+        idx = batches[i]
+        gdot, hv, jx, jy = steps.reverse(thetas[i], x_all[idx], y_all[idx], adj, eta)
+        glr -= gdot
+        gy.index_add_(0, idx, -eta * jy)
+        if jx is not None:
+            gx.index_add_(0, idx, -eta * jx)
+        adj = adj - eta * hv
+        thetas[i + 1] = thetas[i + 1][:0]
     return MatchResult(match.detach(), gx, gy, glr)
 
 

@@ -35,6 +35,7 @@ from ..experts import ExpertFile, list_experts
 from ..init import load_init
 from ..targets import load_targets
 from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
+from .compiled import CompiledSteps
 from .matching import MatchResult, minibatches
 from .monitor import SnapshotScorer, build_scorer, save_curve
 from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
@@ -86,6 +87,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                         "of the number of ranks", d.samples_per_iteration, world_size(),
                         world_size() - d.samples_per_iteration % world_size())
     matcher = MATCHERS[d.mode]
+    steps = CompiledSteps(flat, precision=d.precision, image_grads=d.lr_img > 0) if d.compile else None
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
     adam = {"images"} if d.image_optimizer == "adam" else set()
     sq = {n: state.get(f"sq.{n}", torch.zeros_like(state[n])) for n in adam}
@@ -104,7 +106,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
                                         partial(_sample_gradient, ctx, experts, it, flat=flat,
                                                 matcher=matcher, images=images, targets=targets,
-                                                lr=lr, span=span, max_start=max_start))
+                                                lr=lr, span=span, max_start=max_start, steps=steps))
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
@@ -182,7 +184,7 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
 
 def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int, flat: FlatParams,
                      matcher: Callable[..., MatchResult], images: torch.Tensor, targets: torch.Tensor,
-                     lr: torch.Tensor, span: int, max_start: int,
+                     lr: torch.Tensor, span: int, max_start: int, steps: CompiledSteps | None = None,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
     """Trajectory sample ``j`` of iteration ``it`` (its expert, start and minibatches seeded by
     both; sample 0 is the one sample of ``samples_per_iteration: 1``): loss, gradients, start."""
@@ -193,7 +195,7 @@ def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int
     theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
     batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
     res = matcher(flat, theta0, theta_target, images, targets, lr, batches, precision=d.precision,
-                  keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0)
+                  keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0, steps=steps)
     return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, s
 
 
