@@ -133,10 +133,7 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
                 loss = _step_loss(flat, th, x_all[idx], y_all[idx])
                 (g,) = torch.autograd.grad(loss, th)
         thetas.append(th.detach() - eta * g)
-    diff = thetas[-1] - theta_target
-    denom = (thetas[0] - theta_target).pow(2).sum()
-    match = diff.pow(2).sum() / denom
-    adj = 2 * diff / denom  # dL/dtheta_N
+    match, adj = _match_loss(thetas[0], thetas[-1], theta_target)
     gx = torch.zeros_like(x_all)
     gy = torch.zeros_like(y_all)
     glr = torch.zeros((), dtype=eta.dtype, device=eta.device)
@@ -160,6 +157,14 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
     return MatchResult(match.detach(), gx, gy, glr)
 
 
+def _match_loss(theta0: torch.Tensor, theta_n: torch.Tensor, theta_target: torch.Tensor
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The matching loss and its gradient with respect to ``theta_n`` (where the walk back starts)."""
+    diff = theta_n - theta_target
+    denom = (theta0 - theta_target).pow(2).sum()
+    return diff.pow(2).sum() / denom, 2 * diff / denom
+
+
 def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: torch.Tensor,
                     images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                     batches: list[torch.Tensor]) -> MatchResult:
@@ -168,10 +173,7 @@ def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: to
     thetas = [theta0.detach()]
     for idx in batches:
         thetas.append(steps.forward(thetas[-1], x_all[idx], y_all[idx], eta))
-    diff = thetas[-1] - theta_target
-    denom = (thetas[0] - theta_target).pow(2).sum()
-    match = diff.pow(2).sum() / denom
-    adj = 2 * diff / denom
+    match, adj = _match_loss(thetas[0], thetas[-1], theta_target)
     gx = torch.zeros_like(x_all)
     gy = torch.zeros_like(y_all)
     glr = torch.zeros((), dtype=eta.dtype, device=eta.device)
