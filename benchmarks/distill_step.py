@@ -8,8 +8,7 @@ the same run on the same shapes (same model, same parameter count, same minibatc
 
 Each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 and
 compiled cells also report the cosine of their image / target-rep gradients against the fp32 eager
-adjoint gradients of the
-same trajectory.
+adjoint gradients of the same trajectory.
 
     python benchmarks/distill_step.py                  # the paper's shapes: 3x32x32, 1,000 images, 512-d
     python benchmarks/distill_step.py --size 28 --channels 1 --target-dim 128 --images 1100  # the CPU demo
