@@ -136,7 +136,12 @@ class DistillConfig:
     iterations: int = 5000
     syn_steps: int = 40
     expert_epochs: float = 2.0  # matched span, in epochs of expert training
-    max_start_epoch: float = 2.0  # start checkpoints are drawn from [0, max_start_epoch)
+    max_start_epoch: float = 2.0  # start checkpoints are drawn from [min_start_epoch, max_start_epoch)
+    min_start_epoch: float = 0.0
+    # Difficulty-aligned sampling (DATM): the window's upper bound grows linearly from
+    # max_start_epoch to max_start_epoch_end over the first start_window_iterations iterations
+    max_start_epoch_end: float | None = None  # None = a fixed window
+    start_window_iterations: int = 0
     batch_syn: int = 256
     lr_img: float = 1e3
     lr_targets: float = 1.0
@@ -167,6 +172,19 @@ class DistillConfig:
     compile: bool = False  # adjoint mode: each inner step's computations as torch.compile graphs
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
+
+    @property
+    def last_start_epoch(self) -> float:
+        """The start window's largest upper bound (what the experts must cover, with the span)."""
+        return max(self.max_start_epoch, self.max_start_epoch_end or 0.0)
+
+    def start_window(self, iteration: int) -> tuple[float, float]:
+        """The start epochs sampled at ``iteration``: ``[low, high)``."""
+        high = self.max_start_epoch
+        if self.max_start_epoch_end is not None:
+            frac = min(1.0, iteration / self.start_window_iterations)
+            high += (self.max_start_epoch_end - self.max_start_epoch) * frac
+        return self.min_start_epoch, high
 
 
 @dataclass
@@ -328,12 +346,26 @@ class RunConfig:
             raise ConfigError("distill.max_start_epoch must be >= 0")
         if self.distill.clip_grad is not None and self.distill.clip_grad <= 0:
             raise ConfigError("distill.clip_grad must be > 0 or null")
-        needed = self.distill.max_start_epoch + self.distill.expert_epochs
+        d = self.distill
+        if not 0 <= d.min_start_epoch <= d.max_start_epoch:
+            raise ConfigError("distill.min_start_epoch must be in [0, distill.max_start_epoch], got "
+                              f"{d.min_start_epoch:g}")
+        if d.max_start_epoch_end is not None:
+            if d.max_start_epoch_end < d.max_start_epoch:
+                raise ConfigError("distill.max_start_epoch_end must be >= distill.max_start_epoch (the "
+                                  "start window only moves later)")
+            if d.start_window_iterations < 1:
+                raise ConfigError("distill.max_start_epoch_end needs distill.start_window_iterations >= 1 "
+                                  "(how many iterations the window takes to reach it)")
+        elif d.start_window_iterations:
+            raise ConfigError("distill.start_window_iterations needs distill.max_start_epoch_end (where "
+                              "the start window's upper bound ends)")
+        needed = d.last_start_epoch + d.expert_epochs
         if self.experts.epochs < needed:
             raise ConfigError(
                 f"experts.epochs={self.experts.epochs} is too short: distillation reads checkpoints "
-                f"up to max_start_epoch + expert_epochs = {needed:g}; raise experts.epochs or lower "
-                "distill.max_start_epoch / distill.expert_epochs")
+                f"up to max_start_epoch(_end) + expert_epochs = {needed:g}; raise experts.epochs or "
+                "lower distill.max_start_epoch(_end) / distill.expert_epochs")
         if self.init.method == "high_loss" and not 0 < self.init.loss_epoch <= self.experts.epochs:
             raise ConfigError("init.loss_epoch must be in (0, experts.epochs]")
         if self.init.num_images is None and not 0 < self.init.fraction < 1:
@@ -413,6 +445,8 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
     "distill.samples_per_iteration": 1, "distill.eval_seeds": 1, "distill.precision": "fp32",
     "distill.keep_graphs": 0, "distill.compile": False, "distill.keep_metric": "fidelity_r2",
+    "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
+    "distill.start_window_iterations": 0,
 }
 
 

@@ -47,10 +47,26 @@ def test_overrides_parse_values_and_reject_unknown_keys() -> None:
     ("distill.lr_img=.inf", "distill.lr_img must be a finite number"),
     ("teacher.projector=[0]", "teacher.projector must be a non-empty list"),
     ("teacher.projector=[]", "teacher.projector must be a non-empty list"),
+    ("distill.min_start_epoch=3", r"distill.min_start_epoch must be in \[0, distill.max_start_epoch\]"),
+    ("distill.max_start_epoch_end=1", "max_start_epoch_end must be >= distill.max_start_epoch"),
+    ("distill.max_start_epoch_end=5", "needs distill.start_window_iterations >= 1"),
+    ("distill.start_window_iterations=10", "needs distill.max_start_epoch_end"),
 ])
 def test_bad_values_get_clear_errors(override: str, message: str) -> None:
     with pytest.raises(ConfigError, match=message):
         RunConfig().override([override]).validate()
+
+
+def test_a_moving_start_window_needs_experts_that_long() -> None:
+    """DATM-style windows: the experts must cover the window's final upper bound plus the span."""
+    cfg = RunConfig().override(["distill.max_start_epoch_end=19", "distill.start_window_iterations=100"])
+    with pytest.raises(ConfigError, match=r"experts.epochs=20 is too short.*= 21"):
+        cfg.validate()
+    d = cfg.override(["distill.max_start_epoch_end=10", "distill.min_start_epoch=1"]).validate().distill
+    assert d.last_start_epoch == 10
+    assert d.start_window(0) == (1, 2) and d.start_window(50) == (1, 6)
+    assert d.start_window(100) == d.start_window(1000) == (1, 10)
+    assert RunConfig().distill.start_window(10**6) == (0, 2)  # a fixed window by default
 
 
 def test_unknown_yaml_key_is_named(tmp_path: Path) -> None:

@@ -55,7 +55,7 @@ def schedule_for(ctx: RunContext, n: int | None = None) -> ExpertSchedule:
     n = len(ctx.train_set) if n is None else n
     spe = math.ceil(n / cfg.experts.batch_size)
     every = cfg.experts.checkpoint_every_steps or spe
-    needed = max(cfg.distill.max_start_epoch + cfg.distill.expert_epochs, cfg.init.loss_epoch)
+    needed = max(cfg.distill.last_start_epoch + cfg.distill.expert_epochs, cfg.init.loss_epoch)
     last = min(round(needed * spe), cfg.experts.epochs * spe)
     if every > last:
         raise ConfigError(f"experts.checkpoint_every_steps={every} is more than the {last} steps the experts "
@@ -90,7 +90,7 @@ def check_expert(ctx: RunContext, path: Path, meta: dict[str, Any], fp: str) -> 
         needs = (sched.count - 1) * sched.every / sched.steps_per_epoch
         raise ArtifactError(
             f"{path} stops at epoch {stops:.3g}; this configuration reads checkpoints up to epoch "
-            f"{needs:.3g} (distill.max_start_epoch + distill.expert_epochs, init.loss_epoch): re-run "
+            f"{needs:.3g} (distill.max_start_epoch(_end) + distill.expert_epochs, init.loss_epoch): re-run "
             "the experts stage with --force, or use a new --out directory")
     raise ArtifactError(f"{path} was made with a different configuration; re-run the experts stage "
                         "with --force, or use a new --out directory")

@@ -131,11 +131,18 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args)
         except Exception as exc:
-            if type(exc).__module__.startswith("torch._dynamo") or "Compiler" in type(exc).__name__:
+            if _from_the_compiler(exc):
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-                raise ConfigError(f"distill.compile: torch.compile failed ({first[:200]}); install a "
-                                  "C++ compiler (e.g. gcc) for TorchInductor, or set "
-                                  "distill.compile=false") from exc
+                raise ConfigError(f"distill.compile: torch.compile failed ({first[:200]}); set "
+                                  "distill.compile=false, or try distill.precision=fp32 (without a C++ "
+                                  "compiler: install one, e.g. gcc, for TorchInductor)") from exc
             raise
 
     return call
+
+
+def _from_the_compiler(exc: BaseException) -> bool:
+    """Whether ``exc`` comes from TorchDynamo / TorchInductor (their exceptions, and the C++ build
+    errors of the generated code, e.g. ``InductorError: CppCompileError``)."""
+    return any(c.__module__.startswith(("torch._dynamo", "torch._inductor")) or "Compiler" in c.__name__
+               for c in type(exc).__mro__)

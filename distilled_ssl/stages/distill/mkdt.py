@@ -2,12 +2,13 @@
 
 Learnable: images X [k, C, H, W] (normalised pixel space), target reps Y [k, D] and a scalar lr.
 Each iteration takes the next expert (a fresh seeded order per cycle through all experts), a start
-checkpoint s uniform in [0, max_start_epoch), trains ``syn_steps`` SGD steps from theta_s on the
-synthetic set and matches theta_{s+expert_epochs} (see :mod:`distilled_ssl.stages.distill.matching`).
-X, Y and lr are updated with SGD (momentum 0.5), and by the priors of :mod:`.updates`. With
-``distill.eval_every`` the set is scored on held-out images as it goes (:mod:`.monitor`), and
-``distill.keep: best`` keeps the best snapshot. The state is checkpointed every
-``checkpoint_every`` iterations; a rerun continues where it stopped, and raising
+checkpoint s uniform in [min_start_epoch, max_start_epoch) (a window that can move later as
+distillation proceeds, as in DATM: ``max_start_epoch_end``), trains ``syn_steps`` SGD steps from
+theta_s on the synthetic set and matches theta_{s+expert_epochs} (see
+:mod:`distilled_ssl.stages.distill.matching`). X, Y and lr are updated with SGD (momentum 0.5), and
+by the priors of :mod:`.updates`. With ``distill.eval_every`` the set is scored on held-out images
+as it goes (:mod:`.monitor`), and ``distill.keep: best`` keeps the best snapshot. The state is
+checkpointed every ``checkpoint_every`` iterations; a rerun continues where it stopped, and raising
 ``distill.iterations`` continues a finished run. Output: ``distilled.safetensors`` and
 ``distilled.png``.
 """
@@ -23,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ...config import DistillConfig
 from ...data.sources import normalize
 from ...distributed import all_gather_rows, is_main, rank, world_size
 from ...errors import ArtifactError, ConfigError, DivergenceError
@@ -73,14 +75,18 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         raise ConfigError(f"distill.expert_epochs={d.expert_epochs:g} is shorter than one expert checkpoint "
                          f"interval ({sched.every / sched.steps_per_epoch:.3g} epochs); raise it or lower "
                          "experts.checkpoint_every_steps")
-    max_start = max(1, round(d.max_start_epoch * sched.steps_per_epoch / sched.every))
-    if max_start - 1 + span >= sched.count:
-        raise ArtifactError(f"experts hold {sched.count} checkpoints; start < {max_start} plus span "
+    windows = StartWindows(d, sched.steps_per_epoch / sched.every)
+    last = windows(d.start_window_iterations)[1]  # the window's final upper bound
+    if last - 1 + span >= sched.count:
+        raise ArtifactError(f"experts hold {sched.count} checkpoints; start < {last} plus span "
                             f"{span} needs more; re-run experts with the current config (--force)")
     if start == 0:
+        lo, hi = windows(0)
         ctx.log.info("distill: %d images, %d experts, %s mode, span %d checkpoints (%d steps), "
-                     "start in [0, %d), syn_steps %d, batch %d", k, len(experts), d.mode, span,
-                     span * sched.every, max_start, d.syn_steps, min(d.batch_syn, k))
+                     "start in [%d, %d)%s, syn_steps %d, batch %d", k, len(experts), d.mode, span,
+                     span * sched.every, lo, hi,
+                     f" -> [{lo}, {last}) by iteration {d.start_window_iterations}"
+                     if last != hi else "", d.syn_steps, min(d.batch_syn, k))
     if d.samples_per_iteration % world_size() and is_main():
         ctx.log.warning("distill: %d trajectory sample(s) per iteration on %d ranks: %d rank(s) idle "
                         "for part of every iteration; set distill.samples_per_iteration to a multiple "
@@ -106,7 +112,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
                                         partial(_sample_gradient, ctx, experts, it, flat=flat,
                                                 matcher=matcher, images=images, targets=targets,
-                                                lr=lr, span=span, max_start=max_start, steps=steps))
+                                                lr=lr, span=span, starts=windows(it), steps=steps))
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
@@ -182,16 +188,31 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
                  time.perf_counter() - t0)
 
 
+class StartWindows:
+    """``windows(it) -> (low, high)``: the expert checkpoints a start is drawn from at iteration
+    ``it`` (``distill.start_window`` in checkpoint units; at least one checkpoint wide)."""
+
+    def __init__(self, d: DistillConfig, checkpoints_per_epoch: float) -> None:
+        self.d, self.per_epoch = d, checkpoints_per_epoch
+
+    def __call__(self, it: int) -> tuple[int, int]:
+        low, high = self.d.start_window(it)
+        lo = round(low * self.per_epoch)
+        return lo, max(lo + 1, round(high * self.per_epoch))
+
+
 def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int, flat: FlatParams,
                      matcher: Callable[..., MatchResult], images: torch.Tensor, targets: torch.Tensor,
-                     lr: torch.Tensor, span: int, max_start: int, steps: CompiledSteps | None = None,
+                     lr: torch.Tensor, span: int, starts: tuple[int, int],
+                     steps: CompiledSteps | None = None,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Trajectory sample ``j`` of iteration ``it`` (its expert, start and minibatches seeded by
-    both; sample 0 is the one sample of ``samples_per_iteration: 1``): loss, gradients, start."""
+    """Trajectory sample ``j`` of iteration ``it`` (its expert, start in ``[starts)`` and
+    minibatches seeded by both; sample 0 is the one sample of ``samples_per_iteration: 1``): loss,
+    gradients, start."""
     d, dev = ctx.cfg.distill, images.device
     ef = _expert_for(ctx, experts, it * d.samples_per_iteration + j)
     g = ctx.generator("distill", it) if j == 0 else ctx.generator("distill", it, "sample", j)
-    s = int(torch.randint(max_start, (1,), generator=g))
+    s = int(torch.randint(*starts, (1,), generator=g))
     theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
     batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
     res = matcher(flat, theta0, theta_target, images, targets, lr, batches, precision=d.precision,

@@ -90,6 +90,16 @@ def test_a_compiler_failure_is_one_line_that_says_what_to_do() -> None:
         _guarded(broken)(1)
     assert "\n" not in str(info.value)
 
+    from torch._inductor.exc import CppCompileError, InductorError
+
+    def bad_code(*_: object) -> None:  # the generated C++ does not build: thousands of gcc lines
+        raise InductorError(CppCompileError(["g++", "x.cpp"], "x.cpp:35: error: conflicting\n" * 500),
+                            None)
+
+    with pytest.raises(ConfigError, match=r"torch.compile failed \(CppCompileError.*compile=false") as info:
+        _guarded(bad_code)(1)
+    assert "\n" not in str(info.value) and len(str(info.value)) < 400
+
     def other(*_: object) -> None:
         raise ValueError("not the compiler")
 

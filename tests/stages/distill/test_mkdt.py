@@ -74,3 +74,30 @@ def test_distill_matching_loss_goes_down(tiny_cfg: RunConfig, tmp_path: Path) ->
     history = read_metadata(ctx.path("distill_state.safetensors"))["history"]
     assert len(history) == 12
     assert sum(history[-3:]) / 3 < 0.9 * sum(history[:3]) / 3
+
+
+def test_start_window_moves_later_as_configured(tiny_cfg: RunConfig, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """``min_start_epoch`` / ``max_start_epoch_end`` (DATM): every start drawn lies in the window of
+    its iteration, and the later checkpoints come into play once the window has grown."""
+    # 240 images, batch 40, a checkpoint every 2 steps: 3 checkpoints per epoch; span 0.5 -> 2
+    cfg = tiny_cfg.override(["distill.min_start_epoch=0.5", "distill.max_start_epoch_end=1.5",
+                             "distill.start_window_iterations=6", "distill.iterations=14"])
+    windows = distill_mod.StartWindows(cfg.distill, 3.0)
+    assert [windows(i) for i in (0, 1, 2, 6, 14)] == [(2, 3), (2, 3), (2, 4), (2, 4), (2, 4)]
+    ctx = prepare_run(cfg, tmp_path, progress=False)
+    run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
+    starts: list[int] = []
+    params = distill_mod.ExpertFile.params
+
+    def record(self: distill_mod.ExpertFile, *rows: int) -> torch.Tensor:
+        if len(rows) == 2:  # a trajectory sample: (start, start + span)
+            starts.append(rows[0])
+            assert rows[1] == rows[0] + 2
+        return params(self, *rows)
+
+    monkeypatch.setattr(distill_mod.ExpertFile, "params", record)
+    run_distill(ctx)
+    assert len(starts) == 14
+    assert starts[:2] == [2, 2]  # the window holds one checkpoint at first ...
+    assert set(starts) == {2, 3}  # ... and the next one later
