@@ -190,7 +190,7 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
 
 class StartWindows:
     """``windows(it) -> (low, high)``: the expert checkpoints a start is drawn from at iteration
-    ``it`` (``distill.start_window`` in checkpoint units; at least one checkpoint wide)."""
+    ``it``: :meth:`DistillConfig.start_window` in checkpoint units, at least one checkpoint wide."""
 
     def __init__(self, d: DistillConfig, checkpoints_per_epoch: float) -> None:
         self.d, self.per_epoch = d, checkpoints_per_epoch
