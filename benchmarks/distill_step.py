@@ -6,13 +6,18 @@ backward), fp32, contiguous tensors. Every other row is this library's matcher w
 options; "speed-up" is the reference's time at the same ``syn_steps`` divided by the row's, measured in
 the same run on the same shapes (same model, same parameter count, same minibatches).
 
-Each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 and
+On CPU each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 and
 compiled cells also report the cosine of their image / target-rep gradients against the fp32 eager
 adjoint gradients of the same trajectory.
 
     python benchmarks/distill_step.py                  # the paper's shapes: 3x32x32, 1,000 images, 512-d
     python benchmarks/distill_step.py --size 28 --channels 1 --target-dim 128 --images 1100  # the CPU demo
     python benchmarks/distill_step.py --device cuda --width 128 --batch 256 --steps 20 40 80
+
+On CUDA the cells run in one process (``--in-process``, the default there): peak memory is the CUDA
+allocator's peak of each cell (reset between cells), and the process start-up and CUDA context are
+paid once. The header prints the TF32 settings the cells ran with (PyTorch's defaults unless changed:
+cuDNN convolutions may use TF32, matrix products not), the same for every row, the reference included.
 """
 
 from __future__ import annotations
@@ -92,6 +97,9 @@ def _keep(spec: str, steps: int) -> int:
 
 def cell(args: argparse.Namespace) -> dict:
     """One (variant, syn_steps) measurement, in this process."""
+    if args.device.startswith("cuda"):
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats()
     from distilled_ssl.registry import MATCHERS
     from distilled_ssl.stages.distill.compiled import CompiledSteps
     from distilled_ssl.stages.distill.matching import minibatches
@@ -130,6 +138,14 @@ def cell(args: argparse.Namespace) -> dict:
     return out
 
 
+def _memory(r: dict, in_process: bool) -> str:
+    """The row's peak memory: the CUDA allocator's in one process; else the RSS (and CUDA's)."""
+    if in_process:
+        return f"{r['cuda_peak_mib']:.0f}" if r["cuda_peak_mib"] is not None else "-"
+    mem = f"{r['peak_rss_mib']:.0f}"
+    return mem + (f" (CUDA {r['cuda_peak_mib']:.0f})" if r["cuda_peak_mib"] is not None else "")
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
@@ -147,6 +163,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the table (Markdown) to this file")
+    p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run every cell in this process (default: on CUDA only; CPU cells need their own "
+                        "process for their own peak RSS)")
     p.add_argument("--cell", nargs=2, metavar=("VARIANT", "STEPS"), help=argparse.SUPPRESS)
     args = p.parse_args()
     if args.cell:
@@ -156,36 +175,45 @@ def main() -> None:
     base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("images", "batch", "size", "channels", "depth", "width", "norm", "target_dim",
                      "repeats", "threads", "device")]
+    in_process = args.device.startswith("cuda") if args.in_process is None else args.in_process
+    if in_process and any(VARIANTS[v][4] for v in args.variants):
+        p.error("the malloc rows need their own process (--no-in-process)")
     rows = []
     for steps in args.steps:
         for variant in args.variants:
-            env = dict(os.environ, **(TUNED_MALLOC if VARIANTS[variant][4] else {}))
-            cmd = [sys.executable, __file__, *base, "--cell", variant, str(steps)]
-            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-            r = json.loads(out.strip().splitlines()[-1])
+            if in_process:
+                args.variant, args.syn_steps = variant, steps
+                r = cell(args)
+            else:
+                env = dict(os.environ, **(TUNED_MALLOC if VARIANTS[variant][4] else {}))
+                cmd = [sys.executable, __file__, *base, "--cell", variant, str(steps)]
+                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
+                r = json.loads(out.strip().splitlines()[-1])
             r.update(variant=variant, syn_steps=steps)
             rows.append(r)
-            print(f"  {variant:30s} syn_steps={steps:3d}: {r['seconds']:.2f} s/it, "
-                  f"peak RSS {r['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+            print(f"  {variant:30s} syn_steps={steps:3d}: {r['seconds']:.3f} s/it, " + _memory(r, in_process)
+                  + " MiB", file=sys.stderr, flush=True)
     ref = {r["syn_steps"]: r["seconds"] for r in rows if r["variant"] == "reference"}
     head = (f"ConvNet depth {args.depth} width {args.width} ({args.norm} norm), {rows[0]['parameters']:,} "
             f"parameters; {args.images} synthetic {args.channels}x{args.size}x{args.size} images, batch_syn "
             f"{args.batch}, {args.target_dim}-d targets; {args.threads} threads, {args.device}; torch "
-            f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs")
+            f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
+            + (f", {torch.cuda.get_device_name()}; TF32: cuDNN {torch.backends.cudnn.allow_tf32}, "
+               f"matmul {torch.backends.cuda.matmul.allow_tf32}" if args.device.startswith("cuda") else "")
+            + ("; cells in one process (peak = CUDA allocator)" if in_process else ""))
+    peak = "peak CUDA" if in_process else "peak RSS"
     lines = [head, "", "| variant | mode | precision | keep_graphs | syn_steps | s / iteration | speed-up vs "
-             "reference | peak RSS (MiB) | grad cosine vs fp32 eager (images / targets) | first call (s) |",
+             f"reference | {peak} (MiB) | grad cosine vs fp32 eager (images / targets) | first call (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         mode, precision, keep, _, _, _, _ = VARIANTS[r["variant"]]
-        mem = f"{r['peak_rss_mib']:.0f}"
-        if r["cuda_peak_mib"] is not None:
-            mem += f" (CUDA {r['cuda_peak_mib']:.0f})"
+        mem = _memory(r, in_process)
         speed = f"{ref[r['syn_steps']] / r['seconds']:.2f}x" if r["syn_steps"] in ref else "-"
         cos = (" / ".join(f"{r['cosine'][n]:.4f}" if n in r["cosine"] else "-"
                           for n in ("grad_images", "grad_targets")) if "cosine" in r else "-")
         kept = "all" if mode == "unrolled" else _keep(keep, r["syn_steps"])
         lines.append(f"| {r['variant']} | {mode} | {precision} | {kept} | "
-                     f"{r['syn_steps']} | {r['seconds']:.2f} | {speed} | {mem} | {cos} | "
+                     f"{r['syn_steps']} | {r['seconds']:.3f} | {speed} | {mem} | {cos} | "
                      f"{r['warmup_seconds']:.1f} |")
     table = "\n".join(lines)
     print(table)

@@ -163,6 +163,8 @@ class DistillConfig:
     eval_seeds: int = 1  # encoder inits each score averages (one seed's score is noisy: README)
     keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out score ...
     keep_metric: str = "fidelity_r2"  # ... of this metric: "fidelity_r2" | "probe" (labelled sources)
+    patience: int = 0  # keep: best: stop once this many scores in a row are below the best so far
+    # (0 = run every iteration; like iterations, not in the fingerprint: raise it to carry on)
     samples_per_iteration: int = 1  # MKDT: average the meta-gradients of this many trajectory
     # samples per iteration (split over torchrun ranks; the result is the same for any number)
     precision: str = "fp32"  # "fp32" (exact) | "bf16": the inner steps under bfloat16 autocast
@@ -314,6 +316,10 @@ class RunConfig:
                               f"{self.distill.smooth}")
         if not 0 <= self.distill.targets_anchor <= 1:
             raise ConfigError(f"distill.targets_anchor must be in [0, 1], got {self.distill.targets_anchor}")
+        _non_negative(self, "distill.patience")
+        if self.distill.patience and self.distill.keep != "best":
+            raise ConfigError("distill.patience stops a run that keeps its best snapshot: set "
+                              "distill.keep=best (with distill.eval_every > 0), or distill.patience=0")
         if self.distill.keep == "best" and self.distill.eval_every == 0:
             raise ConfigError("distill.keep=best needs distill.eval_every > 0 (how often to score)")
         if self.distill.eval_every and self.source.holdout == 0:
@@ -445,6 +451,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
     "distill.samples_per_iteration": 1, "distill.eval_seeds": 1, "distill.precision": "fp32",
     "distill.keep_graphs": 0, "distill.compile": False, "distill.keep_metric": "fidelity_r2",
+    "distill.patience": 0,
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0,
 }

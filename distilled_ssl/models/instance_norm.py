@@ -108,7 +108,14 @@ class _InstanceNorm(torch.autograd.Function):
 def instance_norm(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor, eps: float = 1e-5
                   ) -> torch.Tensor:
     """Affine instance norm of [N, C, H, W] (= ``F.group_norm(x, C, weight, bias, eps)``), twice
-    differentiable in closed form, on contiguous or channels-last tensors."""
+    differentiable in closed form, on contiguous or channels-last tensors.
+
+    Under autocast it follows ``F.group_norm``: on CPU a bfloat16 ``x`` with float32 parameters runs
+    PyTorch's mixed-type kernel (bfloat16 out); elsewhere (CUDA) autocast runs group norm in float32,
+    so ``x`` is cast up to the parameters' dtype (the CUDA kernel refuses mixed types).
+    """
+    if x.dtype != weight.dtype and x.device.type != "cpu":
+        x = x.to(weight.dtype)
     if x.is_contiguous():
         return _InstanceNorm.apply(x, weight, bias, eps)
     # PyTorch's group-norm kernels are slow on channels-last: run it contiguous, hand back the layout

@@ -27,8 +27,9 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if not ctx.path(INIT_FILE).exists():
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
-    # keep_graphs: same bits; compile: the same computation up to float rounding
-    skip = {"iterations", "log_every", "checkpoint_every", "keep_graphs", "compile"}
+    # keep_graphs: same bits; compile: the same computation up to float rounding; patience: when to
+    # stop, as iterations (a stopped run carries on with a larger one)
+    skip = {"iterations", "patience", "log_every", "checkpoint_every", "keep_graphs", "compile"}
     if d.method == "mkdt":
         skip.add("krr_st")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}

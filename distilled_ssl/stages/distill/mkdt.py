@@ -26,7 +26,7 @@ import torch
 
 from ...config import DistillConfig
 from ...data.sources import normalize
-from ...distributed import all_gather_rows, is_main, rank, world_size
+from ...distributed import all_gather_objects, all_gather_rows, is_main, rank, world_size
 from ...errors import ArtifactError, ConfigError, DivergenceError
 from ...io import read_metadata, save_tensors
 from ...layout import CURVE_FILE, DISTILLED_FILE, STATE_FILE
@@ -50,8 +50,10 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     d = ctx.cfg.distill
     if not force and out.exists():
         meta = read_metadata(out)
-        if meta.get("fingerprint") == fp and meta.get("iterations", -1) >= d.iterations:
-            ctx.log.info("distill: %s exists (%d iterations), skipping", out, meta["iterations"])
+        stopped_early = meta.get("stopped_at") is not None and 0 < d.patience <= meta.get("patience", 0)
+        if meta.get("fingerprint") == fp and (meta.get("iterations", -1) >= d.iterations or stopped_early):
+            ctx.log.info("distill: %s exists (%d iterations%s), skipping", out, meta["iterations"],
+                         ", stopped early" if stopped_early else "")
             return out
     experts = list_experts(ctx)
     dev = ctx.device
@@ -106,9 +108,13 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     best = {n: state[f"best.{n}"] for n in ("images", "targets", "lr") if f"best.{n}" in state}
     if scorer is not None and not curve:
         _score(ctx, scorer, curve, best, 0, images, targets, lr, None)
+    stopped = _stalled(curve, d.patience, d.keep_metric)  # a run that stopped early stays stopped
+    if stopped and start < d.iterations:
+        ctx.log.info("distill: stopped early at iteration %d (distill.patience=%d); raise it to carry on",
+                     start, d.patience)
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
     progress = IterationLog(d.iterations, d.log_every, bar)
-    for it in range(start, d.iterations):
+    for it in range(start, start if stopped else d.iterations):
         loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
                                         partial(_sample_gradient, ctx, experts, it, flat=flat,
                                                 matcher=matcher, images=images, targets=targets,
@@ -140,14 +146,21 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
             ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
                          done, d.iterations, mean, s, float(lr), sec, eta)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
-        if scorer is not None and (done % d.eval_every == 0 or done == d.iterations):
+        scored = bool(d.eval_every) and (done % d.eval_every == 0 or done == d.iterations)
+        if scorer is not None and scored:
             _score(ctx, scorer, curve, best, done, images, targets, lr, history)
-        if is_main() and (done % d.checkpoint_every == 0 or done == d.iterations):
+        if d.patience and scored:  # rank 0 scores; every rank stops with it
+            stopped = all_gather_objects(_stalled(curve, d.patience, d.keep_metric))[0]
+        if is_main() and (done % d.checkpoint_every == 0 or done == d.iterations or stopped):
             extra = {f"sq.{n}": v for n, v in sq.items()}
             extra.update({f"best.{n}": v for n, v in best.items()})
             _save_state(ctx.path(STATE_FILE), images, targets, lr, moms,
                         {"iteration": done, "history": history, "norm_ema": norms, "fingerprint": fp,
                          "curve": curve}, extra)
+        if stopped:
+            ctx.log.info("distill: stopping at iteration %d: the last %d held-out scores were below "
+                         "the best (distill.patience)", done, d.patience)
+            break
     bar.close()
     if not is_main():  # rank 0 writes the set (every rank holds the same one)
         return out
@@ -164,8 +177,17 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                             "matching_loss": {"first": rounded_mean(history[:10]),
                                               "last": rounded_mean(history[-10:])},
                             **({"validation_curve": curve} if curve else {}),
-                            **({"kept_iteration": kept["iteration"]} if kept else {})})
+                            **({"kept_iteration": kept["iteration"]} if kept else {}),
+                            **({"stopped_at": len(history), "patience": d.patience} if stopped else {})})
     return out
+
+
+def _stalled(curve: list[dict[str, Any]], patience: int, metric: str) -> bool:
+    """Whether the last ``patience`` scores all came after the best one (never with patience 0)."""
+    if not patience or not curve:
+        return False
+    values = [p[metric] for p in curve]
+    return len(values) - 1 - values.index(max(values)) >= patience
 
 
 def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],

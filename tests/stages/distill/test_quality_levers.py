@@ -219,3 +219,51 @@ def test_eval_seeds_average_scores_over_encoder_inits(tiny_cfg: RunConfig, tmp_p
     assert runs[0] == one  # seed 0 is the one-seed score
     assert three["fidelity_r2"] == pytest.approx(sum(r["fidelity_r2"] for r in runs) / 3)
     assert len({r["fidelity_r2"] for r in runs}) == 3
+
+
+class _ScriptedScorer:
+    """Held-out scores from a list, one per call (in place of the KD-run scorer)."""
+
+    def __init__(self, scores: list[float]) -> None:
+        self.scores = iter(scores)
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+        return {"fidelity_r2": next(self.scores), "probe": 0.5}
+
+
+def test_patience_stops_at_the_best_and_a_larger_one_carries_on(
+        tiny_cfg: RunConfig, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # scores at iterations 0, 2, 4, 6, 8, 10, 12: the best is at 2, then two lower ones
+    scores = [0.1, 0.5, 0.4, 0.3, 0.6, 0.2, 0.1]
+    monkeypatch.setattr(distill_mod, "build_scorer", lambda ctx: _ScriptedScorer(scores))
+    cfg = _monitored(tiny_cfg, keep="best", patience=2)
+    cfg.distill.iterations = 12
+    ctx = _run(cfg, tmp_path / "run")
+    meta = read_metadata(ctx.path("distilled.safetensors"))
+    assert [p["iteration"] for p in meta["validation_curve"]] == [0, 2, 4, 6]
+    assert meta["stopped_at"] == meta["iterations"] == 6 and meta["kept_iteration"] == 2
+    _, state_meta = load_tensors(ctx.path("distill_state.safetensors"))
+    assert state_meta["iteration"] == 6
+    written = ctx.path("distilled.safetensors").stat().st_mtime_ns
+
+    # the same config again: the stopped run is done (the scorer is not even asked)
+    monkeypatch.setattr(distill_mod, "build_scorer", lambda ctx: _ScriptedScorer([]))
+    again = _run(tiny_config_like(cfg), tmp_path / "run")
+    assert again.path("distilled.safetensors").stat().st_mtime_ns == written
+
+    # a larger patience carries on from iteration 6 (same fingerprint), finds the better score at 8
+    # and stops two scores later
+    monkeypatch.setattr(distill_mod, "build_scorer", lambda ctx: _ScriptedScorer(scores[4:]))
+    more = tiny_config_like(cfg)
+    more.distill.patience = 3
+    ctx = _run(more, tmp_path / "run")
+    meta = read_metadata(ctx.path("distilled.safetensors"))
+    assert [p["iteration"] for p in meta["validation_curve"]] == [0, 2, 4, 6, 8, 10, 12]
+    assert meta["kept_iteration"] == 8 and meta["iterations"] == 12 and "stopped_at" not in meta
+
+
+def test_patience_needs_keep_best(tiny_cfg: RunConfig) -> None:
+    with pytest.raises(ConfigError, match="distill.keep=best"):
+        tiny_cfg.override(["distill.patience=3"]).validate()
+    with pytest.raises(ConfigError, match="distill.patience"):
+        tiny_cfg.override(["distill.patience=-1"]).validate()
