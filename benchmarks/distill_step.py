@@ -52,9 +52,6 @@ VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool]] = {
     "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False),
     "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True),
     "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True),
-    "adjoint compiled keep all": ("adjoint", "fp32", "all", False, False, True, True),
-    "adjoint compiled keep half": ("adjoint", "fp32", "half", False, False, True, True),
-    "adjoint bf16 compiled keep all": ("adjoint", "bf16", "all", False, False, True, True),
     "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True),
     "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True),
 }

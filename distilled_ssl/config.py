@@ -170,7 +170,7 @@ class DistillConfig:
     precision: str = "fp32"  # "fp32" (exact) | "bf16": the inner steps under bfloat16 autocast
     # (fp32 master copies of images, targets, lr and parameters; faster on AMX CPUs and GPUs)
     keep_graphs: int = 0  # adjoint mode: keep the graphs of the last N inner steps from the
-    # forward sweep instead of recomputing them (memory for time; same result; compiled too)
+    # forward sweep instead of recomputing them (memory for time; same result)
     compile: bool = False  # adjoint mode: each inner step's computations as torch.compile graphs
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
@@ -306,6 +306,9 @@ class RunConfig:
         _non_negative(self, "distill.keep_graphs")
         if self.distill.compile and self.distill.mode != "adjoint":
             raise ConfigError("distill.compile needs distill.mode=adjoint")
+        if self.distill.compile and self.distill.keep_graphs:
+            raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
+                              "walk recomputes every step); set one of them")
         _non_negative(self, "distill.eval_every")
         _positive(self, "distill.eval_seeds")
         if not 0 <= self.distill.smooth <= 0.25:

@@ -27,8 +27,7 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if not ctx.path(INIT_FILE).exists():
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
-    # keep_graphs: same bits (compiled: up to float rounding); compile: the same computation up to
-    # float rounding; patience: when to
+    # keep_graphs: same bits; compile: the same computation up to float rounding; patience: when to
     # stop, as iterations (a stopped run carries on with a larger one)
     skip = {"iterations", "patience", "log_every", "checkpoint_every", "keep_graphs", "compile"}
     if d.method == "mkdt":

@@ -42,7 +42,7 @@ class StepFunctions(Protocol):
 
     def forward(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor
                 ) -> torch.Tensor:
-        """``theta - eta * g``, differentiable (``keep_graphs`` backpropagates through it)."""
+        """``theta - eta * g``."""
         ...
 
     def reverse(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, adj: torch.Tensor,
@@ -111,11 +111,13 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
                   image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
     """Exact gradients with memory constant in the number of steps (reverse-mode adjoint walk);
     the last ``keep_graphs`` steps keep their graphs from the forward sweep (memory grows by that
-    many steps' graphs; the walk skips recomputing them). With compiled ``steps`` the same, the kept
-    steps holding what the compiled step's own backward needs."""
+    many steps' graphs; the walk skips recomputing them). With compiled ``steps`` every step is
+    recomputed by the compiled graphs (``keep_graphs`` must be 0)."""
     if steps is not None:
-        return _match_compiled(steps, theta0, theta_target, images, targets, lr, batches, keep_graphs,
-                               image_grads)
+        if keep_graphs:
+            raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
+                              "walk recomputes every step); set one of them")
+        return _match_compiled(steps, theta0, theta_target, images, targets, lr, batches)
     x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
     n = len(batches)
     thetas = [theta0.detach()]
@@ -165,49 +167,24 @@ def _match_loss(theta0: torch.Tensor, theta_n: torch.Tensor, theta_target: torch
 
 def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: torch.Tensor,
                     images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
-                    batches: list[torch.Tensor], keep_graphs: int = 0, image_grads: bool = True
-                    ) -> MatchResult:
-    """The adjoint walk of :func:`match_adjoint` with each step's computations compiled. The last
-    ``keep_graphs`` steps run the compiled forward step on inputs that require gradients, so autograd
-    keeps what the compiled step's backward needs, and the walk back takes one backward through it
-    (``theta - eta g`` differentiated to theta, X_b, Y_b and eta: ``adj - eta H adj``, ``-eta J^T adj``
-    and ``-g . adj``) instead of recomputing the step."""
+                    batches: list[torch.Tensor]) -> MatchResult:
+    """The adjoint walk of :func:`match_adjoint` with each step's computations compiled."""
     x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
-    n = len(batches)
     thetas = [theta0.detach()]
-    kept: dict[int, tuple[torch.Tensor, ...]] = {}
-    eta_leaf = eta.clone().requires_grad_(True)
-    for i, idx in enumerate(batches):
-        if i >= n - keep_graphs:
-            th = thetas[i].clone().requires_grad_(True)
-            xb, yb = x_all[idx].requires_grad_(image_grads), y_all[idx].requires_grad_(True)
-            nxt = steps.forward(th, xb, yb, eta_leaf)
-            kept[i] = (nxt, th, yb, xb)
-            thetas.append(nxt.detach())
-        else:
-            thetas.append(steps.forward(thetas[-1], x_all[idx], y_all[idx], eta))
+    for idx in batches:
+        thetas.append(steps.forward(thetas[-1], x_all[idx], y_all[idx], eta))
     match, adj = _match_loss(thetas[0], thetas[-1], theta_target)
     gx = torch.zeros_like(x_all)
     gy = torch.zeros_like(y_all)
     glr = torch.zeros((), dtype=eta.dtype, device=eta.device)
-    for i in range(n - 1, -1, -1):
+    for i in range(len(batches) - 1, -1, -1):
         idx = batches[i]
-        if i in kept:
-            nxt, th, yb, xb = kept.pop(i)
-            grads = torch.autograd.grad(nxt, [th, yb, eta_leaf, *([xb] if image_grads else [])], adj)
-            adj, jy, dlr = grads[0], grads[1], grads[2]
-            glr += dlr
-            gy.index_add_(0, idx, jy)
-            if image_grads:
-                gx.index_add_(0, idx, grads[3])
-            del nxt, th, yb, xb, grads
-        else:
-            gdot, hv, jx, jy = steps.reverse(thetas[i], x_all[idx], y_all[idx], adj, eta)
-            glr -= gdot
-            gy.index_add_(0, idx, -eta * jy)
-            if jx is not None:
-                gx.index_add_(0, idx, -eta * jx)
-            adj = adj - eta * hv
+        gdot, hv, jx, jy = steps.reverse(thetas[i], x_all[idx], y_all[idx], adj, eta)
+        glr -= gdot
+        gy.index_add_(0, idx, -eta * jy)
+        if jx is not None:
+            gx.index_add_(0, idx, -eta * jx)
+        adj = adj - eta * hv
         thetas[i + 1] = thetas[i + 1][:0]
     return MatchResult(match.detach(), gx, gy, glr)
 
