@@ -1,5 +1,6 @@
 #!/bin/bash
 # The GPU checks of the open issues in one bounded script, in order of importance:
+#   0. the CUDA-only tests (tests/test_cuda.py, the instance norm's);
 #   1. the gpu-fmnist-2pct preset end to end, evaluated (resumes where an earlier call stopped);
 #   2. the matching-step table on CUDA (benchmarks/distill_step.py, the issue's GPU shapes);
 #   3. matching iterations/s at K = 1, 4, 8 on one device (benchmarks/scaling.py --samples).
@@ -44,6 +45,13 @@ export DISTILLED_SSL_DATA=$ROOT/.gpu/data
 { nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv 2>&1
   python3 -c "import torch; print(torch.__version__, torch.cuda.is_available())"; } >> "$OUT/machine.txt"
 mkdir -p runs
+
+# 0. the CUDA-only tests (seconds; what only a CUDA kernel refuses)
+if [ ! -f runs/done_tests ]; then
+  timeout -s INT 150 python3 -m pytest -q -p no:cacheprovider tests/test_cuda.py \
+    tests/models/test_instance_norm.py > "$OUT/cuda_tests.log" 2>&1 && touch runs/done_tests
+  note "cuda tests: $(tail -1 "$OUT/cuda_tests.log")"
+fi
 
 # 1. the preset
 if [ ! -f "$RUN/results.md" ]; then
