@@ -317,14 +317,21 @@ class RunConfig:
         if not 0 <= self.distill.targets_anchor <= 1:
             raise ConfigError(f"distill.targets_anchor must be in [0, 1], got {self.distill.targets_anchor}")
         _non_negative(self, "distill.patience")
+        if self.distill.eval_every == 0 and (self.distill.keep == "best" or self.distill.patience):
+            off = (["distill.keep=last"] if self.distill.keep == "best" else []) \
+                + (["distill.patience=0"] if self.distill.patience else [])
+            what = " and ".join(o.split("=")[0] for o in off)
+            raise ConfigError(f"{what} need{'s' if len(off) == 1 else ''} validation scores: set "
+                              "distill.eval_every > 0 (how often to score), or turn them off with "
+                              + " ".join(off))
         if self.distill.patience and self.distill.keep != "best":
             raise ConfigError("distill.patience stops a run that keeps its best snapshot: set "
-                              "distill.keep=best (with distill.eval_every > 0), or distill.patience=0")
-        if self.distill.keep == "best" and self.distill.eval_every == 0:
-            raise ConfigError("distill.keep=best needs distill.eval_every > 0 (how often to score)")
+                              "distill.keep=best, or distill.patience=0")
         if self.distill.eval_every and self.source.holdout == 0:
+            off = ["distill.eval_every=0"] + (["distill.keep=last"] if self.distill.keep == "best" else []) \
+                + (["distill.patience=0"] if self.distill.patience else [])
             raise ConfigError("distill.eval_every scores the set on held-out training images: set "
-                              "source.holdout (e.g. 5000), or distill.eval_every=0")
+                              f"source.holdout (e.g. 5000), or turn the scores off with {' '.join(off)}")
         _choice(self, "eval.split", {"test", "validation"})
         _choice(self, "eval.baseline_lr", {"init", "set"})
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",

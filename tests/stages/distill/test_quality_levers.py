@@ -263,7 +263,26 @@ def test_patience_stops_at_the_best_and_a_larger_one_carries_on(
 
 
 def test_patience_needs_keep_best(tiny_cfg: RunConfig) -> None:
-    with pytest.raises(ConfigError, match="distill.keep=best"):
-        tiny_cfg.override(["distill.patience=3"]).validate()
+    monitored = _monitored(tiny_cfg)  # scores every 2 iterations, keeps the last
+    with pytest.raises(ConfigError, match="set distill.keep=best, or distill.patience=0"):
+        monitored.override(["distill.patience=3"]).validate()
+    with pytest.raises(ConfigError, match="distill.patience needs validation scores"):
+        monitored.override(["distill.patience=3", "distill.eval_every=0"]).validate()
     with pytest.raises(ConfigError, match="distill.patience"):
         tiny_cfg.override(["distill.patience=-1"]).validate()
+
+
+@pytest.mark.parametrize("preset", ["gpu-fmnist-2pct", "cpu-fmnist-2pct"])
+@pytest.mark.parametrize("change", ["source.holdout=0", "distill.eval_every=0"])
+def test_turning_the_scores_off_takes_one_message(preset: str, change: str) -> None:
+    """The refusal names every setting that turning validation off needs (keep, patience), so its
+    suggestion validates at once."""
+    from distilled_ssl.config import load_preset
+
+    cfg = load_preset(preset)
+    with pytest.raises(ConfigError, match="turn .* off with ") as info:
+        cfg.override([change]).validate()
+    suggestion = str(info.value).rsplit(" off with ", 1)[1].split()
+    assert "distill.keep=last" in suggestion
+    assert ("distill.patience=0" in suggestion) == bool(cfg.distill.patience)
+    cfg.override([change, *suggestion]).validate()
