@@ -282,6 +282,11 @@ class RunConfig:
         return RunConfig.from_dict(data)
 
     # ------------------------------------------------------------------ checks
+    def _needs_scores(self) -> list[str]:
+        """The overrides that turn off what needs validation scores (keep: best, a patience)."""
+        return ((["distill.keep=last"] if self.distill.keep == "best" else [])
+                + (["distill.patience=0"] if self.distill.patience else []))
+
     def validate(self) -> RunConfig:
         """Check ranges and cross-field constraints; return self for chaining."""
         _positive(self, "experts.num_experts", "experts.epochs", "experts.batch_size",
@@ -317,9 +322,8 @@ class RunConfig:
         if not 0 <= self.distill.targets_anchor <= 1:
             raise ConfigError(f"distill.targets_anchor must be in [0, 1], got {self.distill.targets_anchor}")
         _non_negative(self, "distill.patience")
-        if self.distill.eval_every == 0 and (self.distill.keep == "best" or self.distill.patience):
-            off = (["distill.keep=last"] if self.distill.keep == "best" else []) \
-                + (["distill.patience=0"] if self.distill.patience else [])
+        if self.distill.eval_every == 0 and self._needs_scores():
+            off = self._needs_scores()
             what = " and ".join(o.split("=")[0] for o in off)
             raise ConfigError(f"{what} need{'s' if len(off) == 1 else ''} validation scores: set "
                               "distill.eval_every > 0 (how often to score), or turn them off with "
@@ -328,8 +332,7 @@ class RunConfig:
             raise ConfigError("distill.patience stops a run that keeps its best snapshot: set "
                               "distill.keep=best, or distill.patience=0")
         if self.distill.eval_every and self.source.holdout == 0:
-            off = ["distill.eval_every=0"] + (["distill.keep=last"] if self.distill.keep == "best" else []) \
-                + (["distill.patience=0"] if self.distill.patience else [])
+            off = ["distill.eval_every=0", *self._needs_scores()]
             raise ConfigError("distill.eval_every scores the set on held-out training images: set "
                               f"source.holdout (e.g. 5000), or turn the scores off with {' '.join(off)}")
         _choice(self, "eval.split", {"test", "validation"})
