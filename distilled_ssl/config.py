@@ -165,6 +165,9 @@ class DistillConfig:
     keep_metric: str = "fidelity_r2"  # ... of this metric: "fidelity_r2" | "probe" (labelled sources)
     patience: int = 0  # keep: best: stop once this many scores in a row are below the best so far
     # (0 = run every iteration; like iterations, not in the fingerprint: raise it to carry on)
+    lr_grid: list[float] = field(default_factory=list)  # after matching, score the final set at
+    # each of these lrs (and its learned one) on the held-out images and store the best-scoring lr
+    # ([] = the learned lr; not in the fingerprint: a new grid re-chooses without re-matching)
     samples_per_iteration: int = 1  # MKDT: average the meta-gradients of this many trajectory
     # samples per iteration (split over torchrun ranks; the result is the same for any number)
     precision: str = "fp32"  # "fp32" (exact) | "bf16": the inner steps under bfloat16 autocast
@@ -203,7 +206,10 @@ class EvalConfig:
     precise_bn: bool = True
     # the lr of the random / init / high-loss baselines: "init" = distill.lr_init (the paper's
     # comparison), "set" = the evaluated set's learned lr (how much of a gain is the lr alone)
+    # "tuned" = each subset baseline's lr chosen on the held-out images among eval.lr_grid (the
+    # fair bar: what a user who tunes the lr of a random subset would get; needs source.holdout)
     baseline_lr: str = "init"
+    lr_grid: list[float] = field(default_factory=lambda: [0.1, 0.2, 0.35, 0.5, 0.7, 1.0])
     model: ModelConfig | None = None  # the evaluation encoder; None = the distillation student
     extra_models: list[ModelConfig] = field(default_factory=list)  # more encoders (cross-arch)
     baselines: list[str] = field(default_factory=lambda: ["none", "random", "init"])
@@ -287,6 +293,12 @@ class RunConfig:
         return ((["distill.keep=last"] if self.distill.keep == "best" else [])
                 + (["distill.patience=0"] if self.distill.patience else []))
 
+    def _needs_holdout(self) -> list[str]:
+        """The overrides that turn off everything that scores on held-out images."""
+        return ((["distill.eval_every=0", *self._needs_scores()] if self.distill.eval_every else [])
+                + (["distill.lr_grid=[]"] if self.distill.lr_grid else [])
+                + (["eval.baseline_lr=init"] if self.eval.baseline_lr == "tuned" else []))
+
     def validate(self) -> RunConfig:
         """Check ranges and cross-field constraints; return self for chaining."""
         _positive(self, "experts.num_experts", "experts.epochs", "experts.batch_size",
@@ -331,12 +343,23 @@ class RunConfig:
         if self.distill.patience and self.distill.keep != "best":
             raise ConfigError("distill.patience stops a run that keeps its best snapshot: set "
                               "distill.keep=best, or distill.patience=0")
-        if self.distill.eval_every and self.source.holdout == 0:
-            off = ["distill.eval_every=0", *self._needs_scores()]
-            raise ConfigError("distill.eval_every scores the set on held-out training images: set "
-                              f"source.holdout (e.g. 5000), or turn the scores off with {' '.join(off)}")
+        _choice(self, "eval.baseline_lr", {"init", "set", "tuned"})
+        if self.source.holdout == 0 and self._needs_holdout():
+            off = self._needs_holdout()
+            what = ", ".join(dict.fromkeys(o.split("=")[0] for o in off if "keep" not in o
+                                           and "patience" not in o))
+            raise ConfigError(f"{what} score{'s' if ',' not in what else ''} on held-out training "
+                              f"images: set source.holdout (e.g. 5000), or turn that off with "
+                              f"{' '.join(off)}")
+        for name, grid in (("distill.lr_grid", self.distill.lr_grid), ("eval.lr_grid", self.eval.lr_grid)):
+            if not isinstance(grid, list) or not all(
+                    isinstance(v, int | float) and not isinstance(v, bool) and v > 0 for v in grid):
+                raise ConfigError(f"{name} must be a list of learning rates > 0 (e.g. [0.25, 0.5, 1.0]), "
+                                  f"got {grid!r}")
+        if self.eval.baseline_lr == "tuned" and not self.eval.lr_grid:
+            raise ConfigError("eval.baseline_lr=tuned chooses each baseline's lr among eval.lr_grid: give "
+                              "it some (e.g. [0.1, 0.3, 0.5, 1.0]), or set eval.baseline_lr=init")
         _choice(self, "eval.split", {"test", "validation"})
-        _choice(self, "eval.baseline_lr", {"init", "set"})
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
                   "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",
                   "eval.seeds", "eval.full_epochs")
@@ -461,7 +484,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
     "distill.samples_per_iteration": 1, "distill.eval_seeds": 1, "distill.precision": "fp32",
     "distill.keep_graphs": 0, "distill.compile": False, "distill.keep_metric": "fidelity_r2",
-    "distill.patience": 0,
+    "distill.patience": 0, "distill.lr_grid": [], "eval.lr_grid": [0.1, 0.2, 0.35, 0.5, 0.7, 1.0],
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0,
 }

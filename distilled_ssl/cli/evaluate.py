@@ -43,7 +43,7 @@ def _csv(text: str | None) -> list[str] | None:
 def _overrides(baselines: str | None, downstream: str | None, fractions: str | None,
                seeds: int | None, epochs: int | None, full_epochs: int | None, knn_k: int | None,
                finetune_epochs: int | None, split: str | None, precise_bn: bool | None = None,
-               baseline_lr: str | None = None) -> dict[str, Any]:
+               baseline_lr: str | None = None, lr_grid: str | None = None) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if baselines is not None:
         out["baselines"] = _csv(baselines)
@@ -54,6 +54,11 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
             out["label_fractions"] = [float(f) for f in _csv(fractions) or []]
         except ValueError as exc:
             raise ConfigError(f"--label-fractions {fractions!r}: {exc}") from exc
+    if lr_grid is not None:
+        try:
+            out["lr_grid"] = [float(f) for f in _csv(lr_grid) or []]
+        except ValueError as exc:
+            raise ConfigError(f"--lr-grid {lr_grid!r}: {exc}") from exc
     for key, value in (("seeds", seeds), ("epochs", epochs), ("full_epochs", full_epochs),
                        ("knn_k", knn_k), ("finetune_epochs", finetune_epochs), ("split", split),
                        ("precise_bn", precise_bn), ("baseline_lr", baseline_lr)):
@@ -81,9 +86,12 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
 @click.option("--precise-bn/--no-precise-bn", default=None,
               help="Re-estimate batch-norm statistics on each pre-training set's images after "
               "pre-training (default: on); --no-precise-bn is the paper's protocol.")
-@click.option("--baseline-lr", type=click.Choice(["init", "set"]),
-              help="lr of the subset baselines: distill.lr_init (default, the paper's comparison) or "
-              "the evaluated set's learned lr (how much of a gain is the lr alone).")
+@click.option("--baseline-lr", type=click.Choice(["init", "set", "tuned"]),
+              help="lr of the subset baselines: distill.lr_init (default, the paper's comparison), "
+              "the evaluated set's lr (how much of a gain is the lr alone), or each one's best "
+              "among --lr-grid on the run's source.holdout images (the fair bar).")
+@click.option("--lr-grid", help="Comma-separated lrs that --baseline-lr tuned chooses among "
+              "(default: eval.lr_grid, 0.1,0.2,0.35,0.5,0.7,1.0).")
 @click.option("--finetune-epochs", type=int, help="Also fine-tune for this many epochs.")
 @click.option("--split", type=click.Choice(["test", "validation"]),
               help="Measure on test splits, or (for tuning) on the run's source.holdout images "
@@ -97,7 +105,7 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
              fractions: str | None, seeds: int | None, archs: tuple[str, ...],
              compare: tuple[Path, ...], epochs: int | None, full_epochs: int | None,
              knn_k: int | None, precise_bn: bool | None, baseline_lr: str | None,
-             finetune_epochs: int | None,
+             lr_grid: str | None, finetune_epochs: int | None,
              split: str | None, out: Path | None, device: str | None, quiet: bool) -> None:
     """Pre-train fresh encoders on a distilled set and its baselines; probe downstream sets.
 
@@ -119,7 +127,8 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
     else:
         raise ConfigError(f"{run_or_set} is neither a run directory (config.yaml) nor a set folder")
     for key, value in _overrides(baselines, downstream, fractions, seeds, epochs, full_epochs,
-                                 knn_k, finetune_epochs, split, precise_bn, baseline_lr).items():
+                                 knn_k, finetune_epochs, split, precise_bn, baseline_lr,
+                                 lr_grid).items():
         setattr(cfg.eval, key, value)
     if archs:
         models = [parse_arch(a, cfg.student) for a in archs]

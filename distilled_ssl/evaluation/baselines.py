@@ -17,7 +17,7 @@ path (``compare``), not by name.
 from __future__ import annotations
 
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -33,7 +33,9 @@ from ..stages.init import high_loss_scores, load_init, top_k
 from ..stages.targets import load_targets
 from ..stages.teacher import load_teacher, resolve_weights
 
-__all__ = ["Baselines", "check_baselines", "init_label"]
+__all__ = ["SUBSET_BASELINES", "Baselines", "check_baselines", "init_label"]
+
+SUBSET_BASELINES = ("random", "init", "high_loss", "high_loss_balanced")  # k real images, teacher reps
 
 
 def check_baselines(names: Iterable[str]) -> None:
@@ -52,11 +54,13 @@ def init_label(method: str, class_balanced: bool) -> str:
 @dataclass
 class Baselines:
     """Builds baseline pre-training sets of ``k`` images for a run (caches what seeds share).
-    The subset baselines train at ``lr`` (None: ``distill.lr_init``); full-data KD at the experts'."""
+    The subset baselines train at ``lrs[name]``, else at ``lr`` (None: ``distill.lr_init``);
+    full-data KD at the experts'."""
 
     ctx: RunContext
     k: int
     lr: float | None = None
+    lrs: dict[str, float] = field(default_factory=dict)  # per baseline (eval.baseline_lr: tuned)
 
     def __post_init__(self) -> None:
         self._scores: torch.Tensor | None = None
@@ -66,7 +70,8 @@ class Baselines:
         """The row label of a baseline."""
         ic = self.ctx.cfg.init
         n = len(self.ctx.train_set)
-        at = "" if self.lr is None else f", lr {self.lr:.3g}"
+        lr = self.lrs.get(name, self.lr)
+        at = "" if lr is None else f", lr {lr:.3g}" + (" tuned" if name in self.lrs else "")
         return {
             "none": "none (random init)",
             "random": f"random subset ({self.k:,}{at})",
@@ -80,7 +85,7 @@ class Baselines:
     def pretrain_set(self, name: str, seed: int) -> PretrainSet:
         """The images, reps and lr of a KD baseline (not ``none``/``teacher``) for one seed."""
         ctx, data = self.ctx, self.ctx.train_set
-        lr = ctx.cfg.distill.lr_init if self.lr is None else self.lr
+        lr = self.lrs.get(name, ctx.cfg.distill.lr_init if self.lr is None else self.lr)
         if name == "random":
             index = torch.randperm(len(data), generator=ctx.generator("eval", "random", seed))[:self.k]
         elif name == "init":

@@ -27,12 +27,14 @@ from ..models.probe import extract
 from ..sets.artifact import DistilledSet, is_set_dir, load_distilled_file, read_set
 from ..sets.results import summarize
 from ..stages.context import RunContext
+from ..stages.distill.monitor import build_scorer, choose_lr
 from ..stages.teacher import load_teacher
-from .baselines import Baselines, init_label
+from .baselines import SUBSET_BASELINES, Baselines, init_label
 from .protocol import downstream_metrics, recompute_bn_stats, teacher_fidelity
 from .report import write_results
 
-__all__ = ["downstream_sets", "encoder_label", "evaluate_run", "load_compare", "set_title"]
+__all__ = ["downstream_sets", "encoder_label", "evaluate_run", "load_compare", "set_title",
+           "tune_baseline_lrs"]
 
 FORMAT = 2
 
@@ -129,6 +131,9 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
     shape = data.shape
     candidates: list[tuple[str, Any]] = []  # (title, "none" | "teacher" | baseline name | PretrainSet)
     base = Baselines(ctx, k, lr=float(own.lr) if ec.baseline_lr == "set" else None)
+    lr_search: dict[str, list[dict[str, float]]] = {}
+    if ec.baseline_lr == "tuned":
+        base.lrs, lr_search = tune_baseline_lrs(ctx, base, [b for b in ec.baselines if b in SUBSET_BASELINES])
     for name in ec.baselines:
         candidates.append((base.title(name), name))
     candidates.append((set_title(own), _as_pretrain(own, set_title(own), shape)))
@@ -200,6 +205,7 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
         "protocol": {"encoders": [{"arch": m.arch, "kwargs": m.kwargs} for m in encoders],
                      "epochs": ec.epochs, "full_epochs": ec.full_epochs, "seeds": ec.seeds,
                      "precise_bn": ec.precise_bn, "baseline_lr": ec.baseline_lr,
+                     **({"baseline_lrs": base.lrs, "lr_search": lr_search} if lr_search else {}),
                      "label_fractions": ec.label_fractions, "knn_k": ec.knn_k,
                      "finetune_epochs": ec.finetune_epochs, "split": ec.split,
                      "holdout": cfg.source.holdout,
@@ -215,6 +221,31 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
         out_dir.mkdir(parents=True, exist_ok=True)
         write_results(out_dir, result)
     return result
+
+
+def tune_baseline_lrs(ctx: RunContext, base: Baselines, names: Sequence[str]
+                      ) -> tuple[dict[str, float], dict[str, list[dict[str, float]]]]:
+    """``eval.baseline_lr: tuned``: each subset baseline's lr, chosen among ``eval.lr_grid`` by its
+    score on the held-out images (``source.holdout``; the protocol and encoder seeds that
+    ``distill.lr_grid`` chooses the set's lr with), on seed 0's subset; and every candidate's
+    scores. Under torchrun the baselines are shared out over the ranks."""
+    if not names:
+        return {}, {}
+    if ctx.validation_set is None:
+        raise ConfigError("eval.baseline_lr=tuned chooses the baselines' lrs on held-out training images: "
+                          "set source.holdout (e.g. 5000), or eval.baseline_lr=init")
+    scorer = build_scorer(ctx)
+    metric = ctx.cfg.distill.keep_metric
+    found: dict[str, tuple[float, list[dict[str, float]]]] = {}
+    for name in list(names)[rank()::world_size()]:
+        pset = base.pretrain_set(name, 0)
+        found[name] = choose_lr(scorer, pset.images, pset.targets, ctx.cfg.eval.lr_grid, metric,
+                                log=lambda msg, n=name: ctx.log.info("eval: tuning %s: %s", n, msg))
+        ctx.log.info("eval: %s trains at lr %.4g (chosen on the held-out images)", name, found[name][0])
+    if world_size() > 1:
+        found = {n: v for part in all_gather_objects(found) for n, v in part.items()}
+    lrs = {n: found[n][0] for n in names}
+    return lrs, {n: [{k: round(v, 6) for k, v in p.items()} for p in found[n][1]] for n in names}
 
 
 def _in_job_order(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

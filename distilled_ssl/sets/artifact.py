@@ -510,6 +510,7 @@ def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, pi
         "fraction": _fraction(k, meta.get("source", {}).get("num_images")),
         "image_shape": "x".join(str(s) for s in dset.images.shape[1:]),
         "target_dim": dset.targets.shape[1], "lr": f"{dset.lr:.6g}",
+        "lr_phrase": _lr_phrase(dset.lr, meta),
         "teacher": f"{teacher.get('arch')} {json.dumps(teacher.get('kwargs') or {})}",
         "student": f"{student.get('arch')} {json.dumps(student.get('kwargs') or {})}",
         "mean": list(dset.mean), "std": list(dset.std), "repo_id": repo_id,
@@ -521,6 +522,15 @@ def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, pi
         "results": _results_table(results), "citation": MKDT_CITATION,
     }
     return string.Template(tpl_path.read_text(encoding="utf-8")).substitute(values)
+
+
+def _lr_phrase(lr: float, meta: dict[str, Any]) -> str:
+    """How a set's lr was found: 'the learned learning rate **0.2**', or 'the learning rate **0.5**
+    (chosen on held-out images; matching learned 0.197)' for a set made with ``distill.lr_grid``."""
+    if "lr_learned" not in meta:
+        return f"the learned learning rate **{lr:.6g}**"
+    return (f"the learning rate **{lr:.6g}** (chosen on held-out images among the learned "
+            f"{float(meta['lr_learned']):.4g} and {', '.join(f'{v:g}' for v in meta.get('lr_grid', []))})")
 
 
 def split_front_matter(card: str) -> tuple[dict[str, Any], str]:
@@ -542,7 +552,9 @@ def _provenance(dset: DistilledSet, results: dict[str, Any] | None) -> dict[str,
             "target_dim", "image_encoding", "normalization", "source", "teacher", "student", "init",
             "num_experts", "iterations", "matching_loss", "krr_loss", "config")
     prov = {k: meta[k] for k in keep if k in meta}
-    prov["learned_lr"] = dset.lr
+    prov["learned_lr"] = float(meta.get("lr_learned", dset.lr))
+    prov["lr"] = dset.lr
+    prov.update({k: meta[k] for k in ("lr_grid", "lr_scores") if k in meta})
     if results is not None:
         prov["evaluation"] = results
     return json.loads(json.dumps(prov))  # plain JSON types only (tuples → lists) for YAML

@@ -293,7 +293,9 @@ class DistilledDataset(VisionDataset):
             f"Images: {len(self)} x [{c}, {h}, {w}] (distilled from {src}, "
             f"{self.metadata.get('method', '?')})",
             f"Target: {target}",
-            f"Learned lr: {self.lr:.6g}",
+            (f"Learned lr: {self.lr:.6g}" if "lr_learned" not in self.metadata else
+             f"lr: {self.lr:.6g} (chosen on held-out images; learned "
+             f"{float(self.metadata['lr_learned']):.4g})"),
             f"Image format: {fmt}",
             f"Normalization: mean {list(self.mean)}, std {list(self.std)}",
         ])

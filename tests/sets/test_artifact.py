@@ -87,6 +87,31 @@ def test_card_front_matter_and_body(tiny_run: Path, tmp_path: Path) -> None:
     assert 'DistilledDataset.from_hub("someone/my-set")' in body
     assert "| MKDT (random init) | 71.2 ± 1.0 | 0.500 ± 0.000 |" in body
     assert "@inproceedings{joshi2025mkdt" in body
+    assert "with the learned learning rate **0.05**" in body
+
+
+def test_a_set_whose_lr_was_chosen_on_validation_says_so(tiny_run: Path, tmp_path: Path) -> None:
+    """``distill.lr_grid``: the card, the provenance and the dataset say which lr was learned and
+    which one the set carries."""
+    from distilled_ssl.sets.dataset import DistilledDataset
+
+    path = tiny_run / "distilled.safetensors"
+    tensors, meta = load_tensors(path)
+    tensors["lr"] = torch.tensor(0.8)
+    meta.update(lr_learned=0.05, lr_grid=[0.5, 0.8],
+                lr_scores=[{"lr": 0.05, "fidelity_r2": 0.4}, {"lr": 0.5, "fidelity_r2": 0.5},
+                           {"lr": 0.8, "fidelity_r2": 0.6}])
+    save_tensors(path, tensors, meta)
+    out = write_set(tiny_run, tmp_path / "s")
+    front, body = split_front_matter((out / "README.md").read_text())
+    prov = front["distilled_ssl"]
+    assert prov["learned_lr"] == pytest.approx(0.05) and prov["lr"] == pytest.approx(0.8)
+    assert [p["lr"] for p in prov["lr_scores"]] == [0.05, 0.5, 0.8]
+    assert ("with the learning rate **0.8** (chosen on held-out images among the learned 0.05 and "
+            "0.5, 0.8)") in body
+    ds = DistilledDataset.open(out)
+    assert ds.lr == pytest.approx(0.8)
+    assert "lr: 0.8 (chosen on held-out images; learned 0.05)" in repr(ds)
 
 
 def test_restaging_a_set_keeps_data_and_evaluation(tiny_run: Path, tmp_path: Path) -> None:

@@ -18,6 +18,7 @@ from ...io import load_tensors, read_metadata, save_tensors
 from ...layout import GRID_FILE, INIT_FILE, STATE_FILE, TARGETS_FILE, TEACHER_FILE
 from ..context import RunContext, combine
 from ..init import init_fingerprint
+from .monitor import SnapshotScorer, build_scorer, choose_lr
 
 IMAGE_ENCODING = "float16 pixels in [0, 1] scale (un-normalised, not clamped)"
 
@@ -29,7 +30,9 @@ def distill_fingerprint(ctx: RunContext) -> str:
     d = ctx.cfg.distill
     # keep_graphs: same bits; compile: the same computation up to float rounding; patience: when to
     # stop, as iterations (a stopped run carries on with a larger one)
-    skip = {"iterations", "patience", "log_every", "checkpoint_every", "keep_graphs", "compile"}
+    # lr_grid: chosen after matching from the stored state (a new grid re-chooses, no re-matching)
+    skip = {"iterations", "patience", "log_every", "checkpoint_every", "keep_graphs", "compile",
+            "lr_grid"}
     if d.method == "mkdt":
         skip.add("krr_st")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}
@@ -119,6 +122,31 @@ def write_distilled(ctx: RunContext, out: Path, fp: str, index: torch.Tensor, im
     save_comparison(ctx.path(GRID_FILE), initial, pixels[shown])
     ctx.log.info("distill: wrote %s (%s, %d images, lr %.4g) and %s", out, method, len(index),
                  float(lr), ctx.path(GRID_FILE))
+
+
+def lr_grid_done(meta: dict[str, Any], ctx: RunContext) -> bool:
+    """Whether a written set's lr was chosen with the configured ``distill.lr_grid``."""
+    return [float(v) for v in meta.get("lr_grid", [])] == [float(v) for v in ctx.cfg.distill.lr_grid]
+
+
+def select_lr(ctx: RunContext, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+              scorer: SnapshotScorer | None = None) -> tuple[torch.Tensor, dict[str, Any]]:
+    """``distill.lr_grid``: the lr the set is stored with, chosen among its learned ``lr`` and the
+    grid by the held-out score (``distill.keep_metric``); and the metadata that records the choice.
+    With an empty grid: the learned lr, no metadata."""
+    d = ctx.cfg.distill
+    if not d.lr_grid:
+        return lr, {}
+    scorer = scorer or build_scorer(ctx)
+    learned = float(lr)
+    ctx.log.info("distill: choosing the set's lr on the held-out images among the learned %.4g and "
+                 "distill.lr_grid %s", learned, d.lr_grid)
+    chosen, scores = choose_lr(scorer, images, targets, [learned, *d.lr_grid], d.keep_metric,
+                               log=lambda msg: ctx.log.info("distill: %s", msg))
+    ctx.log.info("distill: the set's lr is %.4g (learned %.4g)", chosen, learned)
+    meta = {"lr_learned": learned, "lr_grid": [float(v) for v in d.lr_grid],
+            "lr_scores": [{k: round(v, 6) for k, v in p.items()} for p in scores]}
+    return torch.tensor(chosen, dtype=lr.dtype, device=lr.device), meta
 
 
 def rounded_mean(xs: list[float]) -> float | None:

@@ -47,7 +47,15 @@ from ...models.losses import kd_loss
 from ..context import RunContext, student_for
 from ..init import load_init
 from ..targets import load_targets
-from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
+from .common import (
+    IterationLog,
+    distill_fingerprint,
+    initial_state,
+    lr_grid_done,
+    rounded_mean,
+    select_lr,
+    write_distilled,
+)
 
 __all__ = ["KrrSolveError", "ModelPool", "krr_predict", "run_krr_st"]
 
@@ -193,7 +201,8 @@ def run_krr_st(ctx: RunContext, *, force: bool = False) -> Path:
     d, kc = ctx.cfg.distill, ctx.cfg.distill.krr_st
     if not force and out.exists():
         meta = read_metadata(out)
-        if meta.get("fingerprint") == fp and meta.get("iterations", -1) >= d.iterations:
+        if meta.get("fingerprint") == fp and meta.get("iterations", -1) >= d.iterations \
+                and lr_grid_done(meta, ctx):
             ctx.log.info("distill: %s exists (%d iterations), skipping", out, meta["iterations"])
             return out
     dev = ctx.device
@@ -260,10 +269,10 @@ def run_krr_st(ctx: RunContext, *, force: bool = False) -> Path:
             _save(ctx, images, targets, opt, pool, {"iteration": done, "history": history,
                                                      "fingerprint": fp, "method": TAG})
     bar.close()
-    lr = torch.tensor(d.lr_init)
+    lr, chosen = select_lr(ctx, images.detach(), targets.detach(), torch.tensor(d.lr_init))
     write_distilled(ctx, out, fp, index, images.detach(), targets.detach(), lr, history,
                      method=TAG, extra={"krr_loss": {"first": rounded_mean(history[:10]),
-                                                     "last": rounded_mean(history[-10:])}})
+                                                     "last": rounded_mean(history[-10:])}, **chosen})
     return out
 
 

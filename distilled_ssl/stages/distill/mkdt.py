@@ -7,7 +7,8 @@ distillation proceeds, as in DATM: ``max_start_epoch_end``), trains ``syn_steps`
 theta_s on the synthetic set and matches theta_{s+expert_epochs} (see
 :mod:`distilled_ssl.stages.distill.matching`). X, Y and lr are updated with SGD (momentum 0.5), and
 by the priors of :mod:`.updates`. With ``distill.eval_every`` the set is scored on held-out images
-as it goes (:mod:`.monitor`), and ``distill.keep: best`` keeps the best snapshot. The state is
+as it goes (:mod:`.monitor`), ``distill.keep: best`` keeps the best snapshot, and
+``distill.lr_grid`` chooses the lr the set is stored with on the same held-out images. The state is
 checkpointed every ``checkpoint_every`` iterations; a rerun continues where it stopped, and raising
 ``distill.iterations`` continues a finished run. Output: ``distilled.safetensors`` and
 ``distilled.png``.
@@ -36,7 +37,15 @@ from ..context import RunContext, student_for
 from ..experts import ExpertFile, list_experts
 from ..init import load_init
 from ..targets import load_targets
-from .common import IterationLog, distill_fingerprint, initial_state, rounded_mean, write_distilled
+from .common import (
+    IterationLog,
+    distill_fingerprint,
+    initial_state,
+    lr_grid_done,
+    rounded_mean,
+    select_lr,
+    write_distilled,
+)
 from .compiled import CompiledSteps
 from .matching import MatchResult, minibatches
 from .monitor import SnapshotScorer, build_scorer, save_curve
@@ -51,7 +60,8 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     if not force and out.exists():
         meta = read_metadata(out)
         stopped_early = meta.get("stopped_at") is not None and 0 < d.patience <= meta.get("patience", 0)
-        if meta.get("fingerprint") == fp and (meta.get("iterations", -1) >= d.iterations or stopped_early):
+        finished = meta.get("iterations", -1) >= d.iterations or stopped_early
+        if meta.get("fingerprint") == fp and finished and lr_grid_done(meta, ctx):
             ctx.log.info("distill: %s exists (%d iterations%s), skipping", out, meta["iterations"],
                          ", stopped early" if stopped_early else "")
             return out
@@ -172,13 +182,15 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                      kept["iteration"], d.keep_metric, kept[d.keep_metric])
     if curve:
         save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"])
+    lr, chosen = select_lr(ctx, images, targets, lr, scorer)
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
                      extra={"num_experts": len(experts),
                             "matching_loss": {"first": rounded_mean(history[:10]),
                                               "last": rounded_mean(history[-10:])},
                             **({"validation_curve": curve} if curve else {}),
                             **({"kept_iteration": kept["iteration"]} if kept else {}),
-                            **({"stopped_at": len(history), "patience": d.patience} if stopped else {})})
+                            **({"stopped_at": len(history), "patience": d.patience} if stopped else {}),
+                            **chosen})
     return out
 
 

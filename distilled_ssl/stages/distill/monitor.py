@@ -10,11 +10,14 @@ terms) is pre-trained with KD on the snapshot for ``eval.epochs`` epochs, then m
 * ``probe`` — a linear probe trained on a stratified ``eval.label_fractions[0]`` share of the
   training labels (when the source has labels), tested on the held-out images.
 
-``distill.keep: best`` keeps the snapshot with the highest ``fidelity_r2``.
+``distill.keep: best`` keeps the snapshot with the highest ``fidelity_r2``, and
+``distill.lr_grid`` chooses the lr the set is stored with by the same scores (:func:`choose_lr`;
+the evaluation's ``baseline_lr: tuned`` chooses the baselines' lrs the same way).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -77,6 +80,26 @@ class SnapshotScorer:
             train_f = extract(model.features, self.probe_images, data.mean, data.std, device=dev)
             out["probe"] = linear_probe(train_f, self.probe_labels, val_f, self.val_labels)
         return out
+
+
+def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tensor,
+              candidates: Sequence[float], metric: str = KEEP_METRIC,
+              log: Callable[[str], None] | None = None) -> tuple[float, list[dict[str, float]]]:
+    """The candidate lr whose pre-training scores highest on ``metric`` (the first on a tie), and
+    every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order)."""
+    scores: list[dict[str, float]] = []
+    for lr in dict.fromkeys(float(v) for v in candidates):  # each once, in order
+        point = {"lr": lr, **scorer(images, targets, torch.tensor(lr))}
+        scores.append(point)
+        if log is not None:
+            log(f"lr {lr:.4g}: " + ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k != "lr"))
+    if not scores:
+        raise ConfigError("choosing an lr needs at least one candidate")
+    if metric not in scores[0]:
+        raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "
+                          "source has no labels); use distill.keep_metric=fidelity_r2")
+    best = max(scores, key=lambda p: p[metric])  # max keeps the first of equal scores
+    return best["lr"], scores
 
 
 def build_scorer(ctx: RunContext) -> SnapshotScorer:
