@@ -245,7 +245,7 @@ def tune_baseline_lrs(ctx: RunContext, base: Baselines, names: Sequence[str]
     if world_size() > 1:
         found = {n: v for part in all_gather_objects(found) for n, v in part.items()}
     lrs = {n: found[n][0] for n in names}
-    return lrs, {n: [{k: round(v, 6) for k, v in p.items()} for p in found[n][1]] for n in names}
+    return lrs, {n: found[n][1] for n in names}
 
 
 def _in_job_order(rows: list[dict[str, Any]], n: int) -> list[dict[str, Any]]:

@@ -145,7 +145,7 @@ def select_lr(ctx: RunContext, images: torch.Tensor, targets: torch.Tensor, lr: 
                                log=lambda msg: ctx.log.info("distill: %s", msg))
     ctx.log.info("distill: the set's lr is %.4g (learned %.4g)", chosen, learned)
     meta = {"lr_learned": learned, "lr_grid": [float(v) for v in d.lr_grid],
-            "lr_scores": [{k: round(v, 6) for k, v in p.items()} for p in scores]}
+            "lr_scores": scores}
     return torch.tensor(chosen, dtype=lr.dtype, device=lr.device), meta
 
 

@@ -86,20 +86,21 @@ def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tenso
               candidates: Sequence[float], metric: str = KEEP_METRIC,
               log: Callable[[str], None] | None = None) -> tuple[float, list[dict[str, float]]]:
     """The candidate lr whose pre-training scores highest on ``metric`` (the first on a tie), and
-    every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order)."""
+    every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order, rounded
+    to 6 decimals as stored in metadata and results)."""
     scores: list[dict[str, float]] = []
     for lr in dict.fromkeys(float(v) for v in candidates):  # each once, in order
         point = {"lr": lr, **scorer(images, targets, torch.tensor(lr))}
+        if metric not in point:
+            raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "
+                              "source has no labels); use distill.keep_metric=fidelity_r2")
         scores.append(point)
         if log is not None:
             log(f"lr {lr:.4g}: " + ", ".join(f"{k} {v:.4f}" for k, v in point.items() if k != "lr"))
     if not scores:
         raise ConfigError("choosing an lr needs at least one candidate")
-    if metric not in scores[0]:
-        raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "
-                          "source has no labels); use distill.keep_metric=fidelity_r2")
     best = max(scores, key=lambda p: p[metric])  # max keeps the first of equal scores
-    return best["lr"], scores
+    return best["lr"], [{k: round(v, 6) for k, v in p.items()} for p in scores]
 
 
 def build_scorer(ctx: RunContext) -> SnapshotScorer:
