@@ -161,6 +161,8 @@ class DistillConfig:
     # teacher's reps of the current images (0 = free, 1 = relabel by the teacher)
     eval_every: int = 0  # score a snapshot on the source.holdout images every N iterations (0 = off)
     eval_seeds: int = 1  # encoder inits each score averages (one seed's score is noisy: README)
+    eval_lr: float = 0.0  # pre-train each snapshot at this lr to score it (0 = the snapshot's learned
+    # lr; with lr_grid, a grid value scores snapshots near the lr the set is stored with)
     keep: str = "last"  # "last" | "best": keep the snapshot with the best held-out score ...
     keep_metric: str = "fidelity_r2"  # ... of this metric: "fidelity_r2" | "probe" (labelled sources)
     patience: int = 0  # keep: best: stop once this many scores in a row are below the best so far
@@ -289,9 +291,11 @@ class RunConfig:
 
     # ------------------------------------------------------------------ checks
     def _needs_scores(self) -> list[str]:
-        """The overrides that turn off what needs validation scores (keep: best, a patience)."""
+        """The overrides that turn off what needs validation scores (keep: best, a patience, the
+        lr they pre-train at)."""
         return ((["distill.keep=last"] if self.distill.keep == "best" else [])
-                + (["distill.patience=0"] if self.distill.patience else []))
+                + (["distill.patience=0"] if self.distill.patience else [])
+                + (["distill.eval_lr=0"] if self.distill.eval_lr else []))
 
     def _needs_holdout(self) -> list[str]:
         """The overrides that turn off everything that scores on held-out images."""
@@ -328,6 +332,7 @@ class RunConfig:
                               "walk recomputes every step); set one of them")
         _non_negative(self, "distill.eval_every")
         _positive(self, "distill.eval_seeds")
+        _non_negative(self, "distill.eval_lr")
         if not 0 <= self.distill.smooth <= 0.25:
             raise ConfigError(f"distill.smooth must be in [0, 0.25] (a stable diffusion step), got "
                               f"{self.distill.smooth}")
@@ -486,7 +491,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.keep_graphs": 0, "distill.compile": False, "distill.keep_metric": "fidelity_r2",
     "distill.patience": 0, "distill.lr_grid": [], "eval.lr_grid": [0.1, 0.2, 0.35, 0.5, 0.7, 1.0],
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
-    "distill.start_window_iterations": 0,
+    "distill.start_window_iterations": 0, "distill.eval_lr": 0.0,
 }
 
 

@@ -21,6 +21,7 @@ on disk) and needs a C++ compiler on CPU.
 from __future__ import annotations
 
 import copy
+import logging
 from collections.abc import Callable
 from typing import Any
 
@@ -124,10 +125,21 @@ class CompiledSteps:
         return gdot, hv, None, jy
 
 
+class _NoCudaNotice(logging.Filter):
+    """Drops the "No CUDA runtime is found" warning that TorchInductor's C++ build logs on a CPU-only
+    machine, where no CUDA runtime is expected."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "No CUDA runtime is found" not in record.getMessage()
+
+
 def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """``fn`` with a compiler failure turned into a one-line ConfigError that says what to do."""
+    """``fn`` with a compiler failure turned into a one-line ConfigError that says what to do (and
+    without the build's CUDA notice on CPU)."""
+    build_log, quiet = logging.getLogger("torch.utils.cpp_extension"), _NoCudaNotice()
 
     def call(*args: Any) -> Any:
+        build_log.addFilter(quiet)
         try:
             return fn(*args)
         except Exception as exc:
@@ -137,6 +149,8 @@ def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
                                   "distill.compile=false, or try distill.precision=fp32 (without a C++ "
                                   "compiler: install one, e.g. gcc, for TorchInductor)") from exc
             raise
+        finally:
+            build_log.removeFilter(quiet)
 
     return call
 

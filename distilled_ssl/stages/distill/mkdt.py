@@ -181,7 +181,8 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("distill: keeping the snapshot of iteration %d (held-out %s %.4f)",
                      kept["iteration"], d.keep_metric, kept[d.keep_metric])
     if curve:
-        save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"])
+        save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"],
+                   d.eval_lr)
     lr, chosen = select_lr(ctx, images, targets, lr, scorer)
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
                      extra={"num_experts": len(experts),
@@ -189,6 +190,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                                               "last": rounded_mean(history[-10:])},
                             **({"validation_curve": curve} if curve else {}),
                             **({"kept_iteration": kept["iteration"]} if kept else {}),
+                            **({"validation_lr": d.eval_lr} if curve and d.eval_lr else {}),
                             **({"stopped_at": len(history), "patience": d.patience} if stopped else {}),
                             **chosen})
     return out
@@ -207,7 +209,8 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
            lr: torch.Tensor, history: list[float] | None) -> None:
     """Score the current set on the held-out images; remember it when it is the best so far."""
     t0 = time.perf_counter()
-    point: dict[str, Any] = {"iteration": done, **scorer(images, targets, lr)}
+    at = ctx.cfg.distill.eval_lr
+    point: dict[str, Any] = {"iteration": done, **scorer(images, targets, torch.tensor(at) if at else lr)}
     if history:
         point["matching_loss"] = rounded_mean(history[-ctx.cfg.distill.eval_every:])
     metric = ctx.cfg.distill.keep_metric

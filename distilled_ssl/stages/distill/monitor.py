@@ -10,15 +10,18 @@ terms) is pre-trained with KD on the snapshot for ``eval.epochs`` epochs, then m
 * ``probe`` — a linear probe trained on a stratified ``eval.label_fractions[0]`` share of the
   training labels (when the source has labels), tested on the held-out images.
 
+Snapshots are pre-trained at their learned lr, or at ``distill.eval_lr`` where set (the lr the set
+will be used with, when ``distill.lr_grid`` replaces the learned one).
 ``distill.keep: best`` keeps the snapshot with the highest ``fidelity_r2``, and
-``distill.lr_grid`` chooses the lr the set is stored with by the same scores (:func:`choose_lr`;
-the evaluation's ``baseline_lr: tuned`` chooses the baselines' lrs the same way).
+``distill.lr_grid`` chooses the lr the set is stored with by the same protocol from other encoder
+seeds (:func:`choose_lr`; the evaluation's ``baseline_lr: tuned`` chooses the baselines' lrs the
+same way).
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,11 +50,19 @@ class SnapshotScorer:
     val_labels: torch.Tensor | None
     probe_images: torch.Tensor | None  # labelled training images for the probe
     probe_labels: torch.Tensor | None
+    first_seed: int = 0  # encoder seeds first_seed .. first_seed + distill.eval_seeds - 1
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
         """The mean of each metric over ``distill.eval_seeds`` encoder inits (the same every time)."""
-        runs = [self._one(images, targets, lr, seed) for seed in range(self.ctx.cfg.distill.eval_seeds)]
+        seeds = range(self.first_seed, self.first_seed + self.ctx.cfg.distill.eval_seeds)
+        runs = [self._one(images, targets, lr, seed) for seed in seeds]
         return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
+
+    def unseen_seeds(self) -> SnapshotScorer:
+        """The same protocol from the next ``distill.eval_seeds`` encoder seeds: a kept snapshot's
+        score is the best of the curve, luck included, so comparing lrs on the seeds that chose it
+        would favour the lr the curve was scored at."""
+        return replace(self, first_seed=self.first_seed + self.ctx.cfg.distill.eval_seeds)
 
     def _one(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor, seed: int
              ) -> dict[str, float]:
@@ -87,7 +98,9 @@ def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tenso
               log: Callable[[str], None] | None = None) -> tuple[float, list[dict[str, float]]]:
     """The candidate lr whose pre-training scores highest on ``metric`` (the first on a tie), and
     every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order, rounded
-    to 6 decimals as stored in metadata and results)."""
+    to 6 decimals as stored in metadata and results). The runs use the scorer's
+    :meth:`~SnapshotScorer.unseen_seeds`, never the encoder seeds of the validation curve."""
+    scorer = scorer.unseen_seeds()
     scores: list[dict[str, float]] = []
     for lr in dict.fromkeys(float(v) for v in candidates):  # each once, in order
         point = {"lr": lr, **scorer(images, targets, torch.tensor(lr))}
@@ -127,10 +140,12 @@ def build_scorer(ctx: RunContext) -> SnapshotScorer:
     return SnapshotScorer(ctx, held.images, reps, held.labels, probe_images, probe_labels)
 
 
-def save_curve(path: Path, curve: list[dict[str, Any]], losses: list[float], kept: int | None) -> None:
+def save_curve(path: Path, curve: list[dict[str, Any]], losses: list[float], kept: int | None,
+               lr: float = 0.0) -> None:
     """PNG: validation fidelity (and probe) per iteration above the matching loss; a dashed line
-    marks the snapshot that was kept."""
-    titles = {KEEP_METRIC: "teacher fidelity R^2 (held-out images)", "probe": "linear probe (held-out)"}
+    marks the snapshot that was kept. ``lr``: the lr snapshots were pre-trained at (0: learned)."""
+    at = f", pre-trained at lr {lr:g}" if lr else ""
+    titles = {KEEP_METRIC: f"teacher fidelity R^2 (held-out images{at})", "probe": "linear probe (held-out)"}
     panels = [(titles[m], [(float(p["iteration"]), float(p[m])) for p in curve if m in p])
               for m in (KEEP_METRIC, "probe") if any(m in p for p in curve)]
     window = 10

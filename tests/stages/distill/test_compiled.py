@@ -1,5 +1,7 @@
 """distill.compile: the adjoint walk with each inner step compiled gives the eager walk's gradients."""
 
+import logging
+
 import pytest
 import torch
 
@@ -105,6 +107,29 @@ def test_a_compiler_failure_is_one_line_that_says_what_to_do() -> None:
 
     with pytest.raises(ValueError):  # anything else passes through unchanged
         _guarded(other)(1)
+
+
+def test_the_build_s_no_cuda_notice_is_dropped_and_nothing_else() -> None:
+    """TorchInductor's C++ build logs "No CUDA runtime is found" on every CPU-only machine; the
+    compiled steps drop that one line while they run, and only it."""
+    build_log = logging.getLogger("torch.utils.cpp_extension")
+    seen: list[str] = []
+    catch = logging.Handler(logging.WARNING)
+    catch.emit = lambda record: seen.append(record.getMessage())  # type: ignore[method-assign]
+
+    def build() -> int:
+        build_log.warning("No CUDA runtime is found, using CUDA_HOME='/usr/local'")
+        build_log.warning("a real build problem")
+        return 3
+
+    build_log.addHandler(catch)
+    try:
+        assert _guarded(build)() == 3
+        build_log.warning("No CUDA runtime is found, outside the compiled steps")
+    finally:
+        build_log.removeHandler(catch)
+    assert seen == ["a real build problem", "No CUDA runtime is found, outside the compiled steps"]
+    assert not build_log.filters
 
 
 def test_the_stage_hands_compiled_steps_to_the_matcher(tiny_cfg, tmp_path, monkeypatch) -> None:

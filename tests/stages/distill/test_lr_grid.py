@@ -15,7 +15,7 @@ from distilled_ssl.io import load_tensors, read_metadata
 from distilled_ssl.pipeline import prepare_run, run_pipeline
 from distilled_ssl.stages.context import RunContext
 from distilled_ssl.stages.distill.common import distill_fingerprint
-from distilled_ssl.stages.distill.monitor import choose_lr
+from distilled_ssl.stages.distill.monitor import build_scorer, choose_lr
 
 
 class _PeakAt:
@@ -23,6 +23,9 @@ class _PeakAt:
 
     def __init__(self, peak: float) -> None:
         self.peak, self.calls = peak, []
+
+    def unseen_seeds(self) -> _PeakAt:
+        return self
 
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
         self.calls.append(round(float(lr), 6))
@@ -88,6 +91,24 @@ def test_the_set_is_stored_with_the_best_scoring_lr_and_a_new_grid_rechooses_wit
     ctx = _run(plain, tmp_path / "run")
     meta3 = read_metadata(ctx.path("distilled.safetensors"))
     assert _stored_lr(ctx) == pytest.approx(learned) and "lr_scores" not in meta3
+
+
+def test_lrs_are_compared_on_encoder_seeds_the_curve_did_not_use(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    """The kept snapshot won the curve on encoder seed 0, luck included; the lr grid scores it from
+    seed 1 (the next ``eval_seeds``), so that luck does not favour the lr the curve was scored at."""
+    ctx = _run(_cfg(tiny_cfg, [0.3], eval_every=2, keep="best"), tmp_path / "run")
+    meta = read_metadata(ctx.path("distilled.safetensors"))
+    kept = next(p for p in meta["validation_curve"] if p["iteration"] == meta["kept_iteration"])
+    at_learned = meta["lr_scores"][0]
+    state, _ = load_tensors(ctx.path("distill_state.safetensors"))
+    scorer = build_scorer(ctx)
+    snapshot = state["best.images"], state["best.targets"], state["best.lr"]
+    assert kept["fidelity_r2"] == pytest.approx(scorer(*snapshot)["fidelity_r2"], abs=1e-6)
+    fresh = scorer._one(*snapshot, 1)
+    assert at_learned["fidelity_r2"] == pytest.approx(fresh["fidelity_r2"], abs=1e-5)
+    assert at_learned["fidelity_r2"] != pytest.approx(kept["fidelity_r2"], abs=1e-5)
+    ctx.cfg.distill.eval_seeds = 2
+    assert build_scorer(ctx).unseen_seeds().first_seed == 2
 
 
 def test_the_learned_lr_stays_when_it_scores_best(tiny_cfg: RunConfig, tmp_path: Path,

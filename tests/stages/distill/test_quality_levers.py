@@ -286,3 +286,47 @@ def test_turning_the_scores_off_takes_one_message(preset: str, change: str) -> N
     assert "distill.keep=last" in suggestion
     assert ("distill.patience=0" in suggestion) == bool(cfg.distill.patience)
     cfg.override([change, *suggestion]).validate()
+
+
+class _RecordingScorer(_ScriptedScorer):
+    """Scripted scores that also record the lr each snapshot was scored at."""
+
+    def __init__(self, scores: list[float]) -> None:
+        super().__init__(scores)
+        self.lrs: list[float] = []
+
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+        self.lrs.append(float(lr))
+        return super().__call__(images, targets, lr)
+
+
+@pytest.mark.parametrize("eval_lr", [0.0, 0.7])
+def test_eval_lr_scores_snapshots_at_that_lr(tiny_cfg: RunConfig, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch, eval_lr: float) -> None:
+    """``distill.eval_lr`` pre-trains every snapshot at one lr (0: at the snapshot's learned lr);
+    the set keeps its learned lr, and says which lr its curve was scored at."""
+    scorer = _RecordingScorer([0.1, 0.3, 0.2, 0.0])
+    monkeypatch.setattr(distill_mod, "build_scorer", lambda ctx: scorer)
+    cfg = _monitored(tiny_cfg, keep="best", eval_lr=eval_lr, lr_lr=1e-4)
+    ctx = _run(cfg, tmp_path / "run")
+    meta = read_metadata(ctx.path("distilled.safetensors"))
+    assert meta["kept_iteration"] == 2
+    state, _ = load_tensors(ctx.path("distill_state.safetensors"))
+    stored = load_tensors(ctx.path("distilled.safetensors"))[0]["lr"]
+    assert float(stored) == float(state["best.lr"])  # the set keeps its learned lr
+    assert float(state["lr"]) != pytest.approx(0.1, abs=1e-6)
+    if eval_lr:
+        assert scorer.lrs == pytest.approx([eval_lr] * 4) and meta["validation_lr"] == eval_lr
+    else:
+        assert scorer.lrs[0] == pytest.approx(0.1) and scorer.lrs[-1] == float(state["lr"])
+        assert "validation_lr" not in meta
+    before = distill_fingerprint(ctx)
+    ctx.cfg.distill.eval_lr = 0.5 if eval_lr else 0.0
+    assert (distill_fingerprint(ctx) == before) == (not eval_lr)  # 0 keeps old fingerprints
+
+
+def test_eval_lr_needs_scores(tiny_cfg: RunConfig) -> None:
+    with pytest.raises(ConfigError, match="distill.eval_lr must be >= 0"):
+        _monitored(tiny_cfg).override(["distill.eval_lr=-1"]).validate()
+    with pytest.raises(ConfigError, match=r"distill.eval_lr needs validation scores.* distill.eval_lr=0"):
+        _monitored(tiny_cfg).override(["distill.eval_lr=0.5", "distill.eval_every=0"]).validate()
