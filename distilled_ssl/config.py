@@ -130,9 +130,10 @@ class KrrStConfig:
 
 @dataclass
 class DistillConfig:
-    """Stage 5: trajectory matching (MKDT), or the KRR-ST baseline (``method: krr_st``)."""
+    """Stage 5: trajectory matching (MKDT), the KRR-ST baseline (``method: krr_st``), or the
+    set optimised for a KD training's outcome (``method: fidelity``, stages/distill/objectives.py)."""
 
-    method: str = "mkdt"  # "mkdt" | "krr_st"
+    method: str = "mkdt"  # "mkdt" | "krr_st" | "fidelity"
     iterations: int = 5000
     syn_steps: int = 40
     expert_epochs: float = 2.0  # matched span, in epochs of expert training
@@ -178,6 +179,9 @@ class DistillConfig:
     # forward sweep instead of recomputing them (memory for time; same result)
     compile: bool = False  # adjoint mode: each inner step's computations as torch.compile graphs
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
+    real_batch: int = 512  # method fidelity: real training images each inner training is scored on
+    seed: int | None = None  # re-seed the loop's own draws (trajectory samples, expert order, fresh
+    # students, real batches) for a replicate run on the same teacher, experts and init (None: the run seed)
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
 
     @property
@@ -289,6 +293,13 @@ class RunConfig:
                 raise ConfigError(f"override {item!r}: cannot parse value: {exc}") from exc
         return RunConfig.from_dict(data)
 
+    @property
+    def needs_experts(self) -> bool:
+        """Whether a run trains experts: MKDT matches their trajectories, the high-loss init ranks
+        images by their losses; KRR-ST and ``method: fidelity`` from a random or k-means init need
+        none."""
+        return self.distill.method == "mkdt" or self.init.method == "high_loss"
+
     # ------------------------------------------------------------------ checks
     def _needs_scores(self) -> list[str]:
         """The overrides that turn off what needs validation scores (keep: best, a patience, the
@@ -365,6 +376,7 @@ class RunConfig:
             raise ConfigError("eval.baseline_lr=tuned chooses each baseline's lr among eval.lr_grid: give "
                               "it some (e.g. [0.1, 0.3, 0.5, 1.0]), or set eval.baseline_lr=init")
         _choice(self, "eval.split", {"test", "validation"})
+        _positive(self, "distill.real_batch")
         _positive(self, "distill.krr_st.pool_size", "distill.krr_st.real_batch",
                   "distill.krr_st.model_steps", "distill.krr_st.lr", "distill.krr_st.ridge",
                   "eval.seeds", "eval.full_epochs")
@@ -491,7 +503,8 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.keep_graphs": 0, "distill.compile": False, "distill.keep_metric": "fidelity_r2",
     "distill.patience": 0, "distill.lr_grid": [], "eval.lr_grid": [0.1, 0.2, 0.35, 0.5, 0.7, 1.0],
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
-    "distill.start_window_iterations": 0, "distill.eval_lr": 0.0,
+    "distill.start_window_iterations": 0, "distill.eval_lr": 0.0, "distill.real_batch": 512,
+    "distill.seed": None,
 }
 
 

@@ -48,9 +48,9 @@ __all__ = ["BUILD_STAGES", "STAGES", "check_device", "prepare_run", "run_log", "
 
 def _experts_then_check(ctx: RunContext, *, force: bool = False) -> Path:
     cfg = ctx.cfg
-    if cfg.distill.method == "krr_st" and cfg.init.method == "random":
-        ctx.log.info("experts: skipped: distill.method=krr_st needs no expert trajectories and "
-                     "init.method=random needs no expert losses")
+    if not cfg.needs_experts:
+        ctx.log.info("experts: skipped: distill.method=%s needs no expert trajectories and "
+                     "init.method=%s needs no expert losses", cfg.distill.method, cfg.init.method)
         return ctx.path(EXPERTS_DIR)
     run_experts(ctx, force=force)  # waits for experts that other processes are training
     barrier()  # under torchrun: every rank's experts are written
@@ -147,7 +147,7 @@ def _check_reuse(ctx: RunContext) -> None:
         return
     check_fingerprint(ctx.path(TARGETS_FILE), targets_fingerprint(ctx), "targets", verify=False)
     cfg = ctx.cfg
-    if not (cfg.distill.method == "krr_st" and cfg.init.method == "random"):
+    if cfg.needs_experts:
         fp = experts_fingerprint(ctx)
         for k in range(cfg.experts.num_experts):
             path = expert_path(ctx, k)

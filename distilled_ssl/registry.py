@@ -108,6 +108,7 @@ SOURCES: Registry[str | None] = Registry("source", {
 DISTILL_METHODS: Registry[Callable[..., Any]] = Registry("distillation method", {
     "mkdt": "distilled_ssl.stages.distill.mkdt:run_mkdt",
     "krr_st": "distilled_ssl.stages.distill.krr_st:run_krr_st",
+    "fidelity": "distilled_ssl.stages.distill.mkdt:run_mkdt",  # MKDT's loop, another objective
 }, lazy=True)
 
 # ``distill.mode``: how MKDT differentiates through the inner loop (same gradients).

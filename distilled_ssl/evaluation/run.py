@@ -24,7 +24,7 @@ from ..errors import ConfigError, DataNotFoundError, NotASetError
 from ..layout import DISTILLED_FILE, TEACHER_FILE
 from ..models.pretrain import PretrainSet, pretrain_kd
 from ..models.probe import extract
-from ..sets.artifact import DistilledSet, is_set_dir, load_distilled_file, read_set
+from ..sets.artifact import DistilledSet, is_set_dir, load_distilled_file, method_title, read_set
 from ..sets.results import summarize
 from ..stages.context import RunContext
 from ..stages.distill.monitor import build_scorer, choose_lr
@@ -42,7 +42,7 @@ FORMAT = 2
 def set_title(dset: DistilledSet) -> str:
     """'MKDT (high-loss init, class-balanced)' from a set's metadata."""
     meta = dset.metadata
-    method = {"mkdt": "MKDT", "krr_st": "KRR-ST"}.get(meta.get("method", "mkdt"), meta.get("method"))
+    method = method_title(meta.get("method"))
     init = meta.get("init") or {}
     label = init_label(init.get("method", "?"), bool(init.get("class_balanced")))
     return f"{method} ({label})"

@@ -353,7 +353,8 @@ def load_teacher(path: Path, *, in_channels: int | None = None, image_size: int 
 
     The encoder's ``features`` take images of the file's ``in_channels`` / ``image_size``
     normalised with its ``mean`` / ``std`` (a teacher with another input adapts them itself)."""
-    inner, meta = _read_teacher_file(Path(path), allow_code=True)
+    with seeded(0):  # the weights replace an init that must not draw from the global RNG
+        inner, meta = _read_teacher_file(Path(path), allow_code=True)
     if in_channels is not None and meta["in_channels"] != in_channels:
         raise ArtifactError(f"teacher {path} takes {meta['in_channels']}-channel images, the source "
                             f"has {in_channels}")

@@ -478,6 +478,13 @@ def _read_results(path: Path) -> dict[str, Any] | None:
 
 
 # -------------------------------------------------------------------------------------------- card
+METHOD_TITLES = {"mkdt": "MKDT", "krr_st": "KRR-ST", "fidelity": "KD-fidelity"}
+
+
+def method_title(method: str | None) -> str:
+    """How a set's ``method`` is named in cards and tables (sets before the field: MKDT)."""
+    return METHOD_TITLES.get(method or "mkdt", str(method))
+
 
 def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, picture: bool = True,
                 template: str | os.PathLike | None = None, repo_id: str = "<namespace>/<name>",
@@ -491,9 +498,9 @@ def render_card(dset: DistilledSet, results: dict[str, Any] | None = None, *, pi
     k = len(dset)
     front = {
         "license": SOURCE_LICENSES.get(source, "unknown"),
-        "pretty_name": f"MKDT distilled {source} ({k} images)",
-        "tags": ["dataset-distillation", "self-supervised", "mkdt", "knowledge-distillation",
-                 "distilled_ssl", "image"],
+        "pretty_name": f"{method_title(meta.get('method'))} distilled {source} ({k} images)",
+        "tags": ["dataset-distillation", "self-supervised", (meta.get("method") or "mkdt").replace("_", "-"),
+                 "knowledge-distillation", "distilled_ssl", "image"],
         "task_categories": ["image-feature-extraction"],
         "size_categories": [_size_category(k)],
         "source_datasets": [f"extended|{source}"],

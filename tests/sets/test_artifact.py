@@ -19,6 +19,7 @@ from distilled_ssl.sets.artifact import (
     SetFormatError,
     load_distilled_file,
     read_set,
+    render_card,
     split_front_matter,
     write_set,
 )
@@ -301,3 +302,12 @@ def test_card_python_snippet_names_real_modules(tiny_set: Path) -> None:
     code = _card_block((tiny_set / "README.md").read_text(), "## Load it\n")
     assert "from distilled_ssl import DistilledDataset, kd_loss" in code
     compile(code, "card", "exec")
+
+
+@pytest.mark.parametrize("method, title, tag", [("mkdt", "MKDT", "mkdt"), ("krr_st", "KRR-ST", "krr-st"),
+                                                ("fidelity", "KD-fidelity", "fidelity")])
+def test_card_names_the_method_that_made_the_set(tmp_path: Path, method: str, title: str, tag: str) -> None:
+    dset = load_distilled_file(make_distilled_file(tmp_path) / "distilled.safetensors")
+    dset.metadata["method"] = method
+    front, _ = split_front_matter(render_card(dset, picture=False))
+    assert front["pretty_name"].startswith(f"{title} distilled ") and tag in front["tags"]

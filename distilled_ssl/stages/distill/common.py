@@ -33,8 +33,10 @@ def distill_fingerprint(ctx: RunContext) -> str:
     # lr_grid: chosen after matching from the stored state (a new grid re-chooses, no re-matching)
     skip = {"iterations", "patience", "log_every", "checkpoint_every", "keep_graphs", "compile",
             "lr_grid"}
-    if d.method == "mkdt":
+    if d.method != "krr_st":
         skip.add("krr_st")
+    if d.method != "fidelity":
+        skip.add("real_batch")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}
     return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
 

@@ -1,8 +1,10 @@
 """The trajectory-matching objective and its exact gradients (the inner loop of stage 5).
 
 ``theta_{i+1} = theta_i - eta * grad MSE(f(theta_i, X[b_i]), Y[b_i])`` for ``i < N``;
-``loss = ||theta_N - theta_target||^2 / ||theta_0 - theta_target||^2``. Two modes give the same
-gradients of ``loss`` with respect to the synthetic images X, target reps Y and lr eta:
+``loss = ||theta_N - theta_target||^2 / ||theta_0 - theta_target||^2``, or, where a function of
+theta_N is passed in place of ``theta_target``, ``loss = outer(theta_N)`` (``distill.method:
+fidelity``, :mod:`.objectives`). Two modes give the same gradients of ``loss`` with respect to the
+synthetic images X, target reps Y and lr eta:
 
 * ``unrolled`` keeps the second-order graph of every step (memory grows with N): the reference.
 * ``adjoint`` stores only theta_0..theta_N, then walks back carrying dL/dtheta, recomputing one
@@ -27,8 +29,9 @@ input-gradient terms of every step.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, TypeAlias
 
 import torch
 
@@ -63,6 +66,10 @@ class MatchResult:
 
 PRECISIONS = ("fp32", "bf16")
 
+# what the end point theta_N is scored by: a target parameter vector (the matching loss) or a
+# differentiable function of theta_N
+Target: TypeAlias = torch.Tensor | Callable[[torch.Tensor], torch.Tensor]
+
 
 def _step_loss(flat: FlatParams, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return kd_loss(flat.call(theta, x).to(y.dtype), y)  # bf16 autocast: the loss in fp32
@@ -77,7 +84,7 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
     raise ConfigError(f"distill.precision must be one of {PRECISIONS}, got {precision!r}")
 
 
-def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
+def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
                    images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                    batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
                    image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
@@ -95,8 +102,11 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.T
             loss = _step_loss(flat, theta, x_leaf[idx], y_leaf[idx])
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - lr_leaf * g
-    denom = (start.detach() - theta_target).pow(2).sum()
-    match = (theta - theta_target).pow(2).sum() / denom
+    if callable(theta_target):
+        match = theta_target(theta)
+    else:
+        denom = (start.detach() - theta_target).pow(2).sum()
+        match = (theta - theta_target).pow(2).sum() / denom
     if image_grads:
         gx, gy, glr = torch.autograd.grad(match, [x_leaf, y_leaf, lr_leaf])
     else:
@@ -105,7 +115,7 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.T
     return MatchResult(match.detach(), gx, gy, glr)
 
 
-def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Tensor,
+def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
                   images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                   batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
                   image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
@@ -157,15 +167,20 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: torch.Te
     return MatchResult(match.detach(), gx, gy, glr)
 
 
-def _match_loss(theta0: torch.Tensor, theta_n: torch.Tensor, theta_target: torch.Tensor
+def _match_loss(theta0: torch.Tensor, theta_n: torch.Tensor, theta_target: Target
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The matching loss and its gradient with respect to ``theta_n`` (where the walk back starts)."""
+    """The loss and its gradient with respect to ``theta_n`` (where the walk back starts)."""
+    if callable(theta_target):
+        th = theta_n.detach().requires_grad_(True)
+        loss = theta_target(th)
+        (grad,) = torch.autograd.grad(loss, th)
+        return loss.detach(), grad
     diff = theta_n - theta_target
     denom = (theta0 - theta_target).pow(2).sum()
     return diff.pow(2).sum() / denom, 2 * diff / denom
 
 
-def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: torch.Tensor,
+def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: Target,
                     images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                     batches: list[torch.Tensor]) -> MatchResult:
     """The adjoint walk of :func:`match_adjoint` with each step's computations compiled."""

@@ -25,16 +25,15 @@ from typing import Any
 
 import torch
 
-from ...config import DistillConfig
 from ...data.sources import normalize
 from ...distributed import all_gather_objects, all_gather_rows, is_main, rank, world_size
-from ...errors import ArtifactError, ConfigError, DivergenceError
+from ...errors import ConfigError, DivergenceError
 from ...io import read_metadata, save_tensors
 from ...layout import CURVE_FILE, DISTILLED_FILE, STATE_FILE
-from ...models.encoders import FlatParams
+from ...models.encoders import FlatParams, seeded
 from ...registry import MATCHERS
 from ..context import RunContext, student_for
-from ..experts import ExpertFile, list_experts
+from ..experts import ExpertFile  # noqa: F401 (the tests patch it here)
 from ..init import load_init
 from ..targets import load_targets
 from .common import (
@@ -49,6 +48,7 @@ from .common import (
 from .compiled import CompiledSteps
 from .matching import MatchResult, minibatches
 from .monitor import SnapshotScorer, build_scorer, save_curve
+from .objectives import ExpertSpans, FreshStudents, StartWindows, draw_tags  # noqa: F401 (StartWindows: API)
 from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
 
 
@@ -65,40 +65,24 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
             ctx.log.info("distill: %s exists (%d iterations%s), skipping", out, meta["iterations"],
                          ", stopped early" if stopped_early else "")
             return out
-    experts = list_experts(ctx)
     dev = ctx.device
     index = load_init(ctx)
     reps = load_targets(ctx)
     k = len(index)
-    model = student_for(ctx, reps.shape[1]).to(dev).train()
+    with seeded(ctx.seed_for("distill", "structure")):  # its weights are never used
+        model = student_for(ctx, reps.shape[1]).to(dev).train()
     flat = FlatParams(model)
-    if experts[0].meta["output_dim"] != reps.shape[1] or experts[0].params(0).shape[1] != flat.size:
-        raise ArtifactError("the experts do not fit the student architecture; re-run the experts "
-                            "stage with --force")
+    objective = FreshStudents(ctx, flat, reps) if d.method == "fidelity" else \
+        ExpertSpans(ctx, flat, reps.shape[1])
     state = initial_state(ctx, index, reps, fp, dev, force)
     images, targets, lr = state["images"], state["targets"], state["lr"]
     moms = {n: state.get(f"momentum.{n}", torch.zeros_like(state[n])) for n in ("images", "targets", "lr")}
     history: list[float] = state["meta"].get("history", [])
     norms: dict[str, float] = state["meta"].get("norm_ema", {})
     start = int(state["meta"].get("iteration", 0))
-    sched = experts[0].schedule
-    span = round(d.expert_epochs * sched.steps_per_epoch / sched.every)
-    if span < 1:
-        raise ConfigError(f"distill.expert_epochs={d.expert_epochs:g} is shorter than one expert checkpoint "
-                         f"interval ({sched.every / sched.steps_per_epoch:.3g} epochs); raise it or lower "
-                         "experts.checkpoint_every_steps")
-    windows = StartWindows(d, sched.steps_per_epoch / sched.every)
-    last = windows(d.start_window_iterations)[1]  # the window's final upper bound
-    if last - 1 + span >= sched.count:
-        raise ArtifactError(f"experts hold {sched.count} checkpoints; start < {last} plus span "
-                            f"{span} needs more; re-run experts with the current config (--force)")
     if start == 0:
-        lo, hi = windows(0)
-        ctx.log.info("distill: %d images, %d experts, %s mode, span %d checkpoints (%d steps), "
-                     "start in [%d, %d)%s, syn_steps %d, batch %d", k, len(experts), d.mode, span,
-                     span * sched.every, lo, hi,
-                     f" -> [{lo}, {last}) by iteration {d.start_window_iterations}"
-                     if last != hi else "", d.syn_steps, min(d.batch_syn, k))
+        ctx.log.info("distill (%s): %d images, %s, %s mode, syn_steps %d, batch %d", d.method, k,
+                     objective.describe(), d.mode, d.syn_steps, min(d.batch_syn, k))
     if d.samples_per_iteration % world_size() and is_main():
         ctx.log.warning("distill: %d trajectory sample(s) per iteration on %d ranks: %d rank(s) idle "
                         "for part of every iteration; set distill.samples_per_iteration to a multiple "
@@ -126,9 +110,9 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, start if stopped else d.iterations):
         loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
-                                        partial(_sample_gradient, ctx, experts, it, flat=flat,
+                                        partial(_sample_gradient, ctx, objective, it, flat=flat,
                                                 matcher=matcher, images=images, targets=targets,
-                                                lr=lr, span=span, starts=windows(it), steps=steps))
+                                                lr=lr, steps=steps))
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
@@ -184,8 +168,8 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"],
                    d.eval_lr)
     lr, chosen = select_lr(ctx, images, targets, lr, scorer)
-    write_distilled(ctx, out, fp, index, images, targets, lr, history, method="mkdt",
-                     extra={"num_experts": len(experts),
+    write_distilled(ctx, out, fp, index, images, targets, lr, history, method=d.method,
+                     extra={**objective.meta(),
                             "matching_loss": {"first": rounded_mean(history[:10]),
                                               "last": rounded_mean(history[-10:])},
                             **({"validation_curve": curve} if curve else {}),
@@ -225,36 +209,19 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
                  time.perf_counter() - t0)
 
 
-class StartWindows:
-    """``windows(it) -> (low, high)``: the expert checkpoints a start is drawn from at iteration
-    ``it``: :meth:`DistillConfig.start_window` in checkpoint units, at least one checkpoint wide."""
-
-    def __init__(self, d: DistillConfig, checkpoints_per_epoch: float) -> None:
-        self.d, self.per_epoch = d, checkpoints_per_epoch
-
-    def __call__(self, it: int) -> tuple[int, int]:
-        low, high = self.d.start_window(it)
-        lo = round(low * self.per_epoch)
-        return lo, max(lo + 1, round(high * self.per_epoch))
-
-
-def _sample_gradient(ctx: RunContext, experts: list[ExpertFile], it: int, j: int, flat: FlatParams,
-                     matcher: Callable[..., MatchResult], images: torch.Tensor, targets: torch.Tensor,
-                     lr: torch.Tensor, span: int, starts: tuple[int, int],
-                     steps: CompiledSteps | None = None,
+def _sample_gradient(ctx: RunContext, objective: ExpertSpans | FreshStudents, it: int, j: int,
+                     flat: FlatParams, matcher: Callable[..., MatchResult], images: torch.Tensor,
+                     targets: torch.Tensor, lr: torch.Tensor, steps: CompiledSteps | None = None,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Trajectory sample ``j`` of iteration ``it`` (its expert, start in ``[starts)`` and
-    minibatches seeded by both; sample 0 is the one sample of ``samples_per_iteration: 1``): loss,
-    gradients, start."""
+    """Inner-loop sample ``j`` of iteration ``it`` (its start and minibatches seeded by both;
+    sample 0 is the one sample of ``samples_per_iteration: 1``): loss, gradients, start."""
     d, dev = ctx.cfg.distill, images.device
-    ef = _expert_for(ctx, experts, it * d.samples_per_iteration + j)
-    g = ctx.generator("distill", it) if j == 0 else ctx.generator("distill", it, "sample", j)
-    s = int(torch.randint(*starts, (1,), generator=g))
-    theta0, theta_target = (t.to(dev) for t in ef.params(s, s + span))
+    g = ctx.generator(*draw_tags(ctx, it) if j == 0 else draw_tags(ctx, it, "sample", j))
+    sample = objective(it, j, g, dev)
     batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
-    res = matcher(flat, theta0, theta_target, images, targets, lr, batches, precision=d.precision,
+    res = matcher(flat, sample.theta0, sample.outer, images, targets, lr, batches, precision=d.precision,
                   keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0, steps=steps)
-    return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, s
+    return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, sample.start
 
 
 def _meta_gradient(ctx: RunContext, params: dict[str, torch.Tensor],
@@ -283,13 +250,6 @@ def _meta_gradient(ctx: RunContext, params: dict[str, torch.Tensor],
     grads = {name: g.view_as(p) for (name, p), g in
              zip(params.items(), total[2:].split(sizes), strict=True)}
     return float(total[0]), grads, int(gathered[0, 1])
-
-
-def _expert_for(ctx: RunContext, experts: list[ExpertFile], it: int) -> ExpertFile:
-    """The expert of trajectory sample ``it`` (a fresh seeded order per cycle through them)."""
-    cycle, pos = divmod(it, len(experts))
-    order = torch.randperm(len(experts), generator=ctx.generator("distill", "cycle", cycle))
-    return experts[int(order[pos])]
 
 
 def _clip(grad: torch.Tensor, name: str, norms: dict[str, float], factor: float | None) -> torch.Tensor:

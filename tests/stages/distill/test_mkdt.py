@@ -101,3 +101,24 @@ def test_start_window_moves_later_as_configured(tiny_cfg: RunConfig, tmp_path: P
     assert len(starts) == 14
     assert starts[:2] == [2, 2]  # the window holds one checkpoint at first ...
     assert set(starts) == {2, 3}  # ... and the next one later
+
+
+def test_distill_seed_makes_a_replicate_of_the_matching_alone(tiny_cfg: RunConfig, tmp_path: Path) -> None:
+    """``distill.seed`` re-seeds the loop's draws only: the same experts and init, another set; the
+    same seed twice gives the same bits; unset, the fingerprint is that of a config without it."""
+    runs = {}
+    for name, over in (("ref", []), ("a", ["distill.seed=1"]), ("b", ["distill.seed=1"])):
+        ctx = prepare_run(tiny_cfg.override(over), tmp_path / name, progress=False)
+        run_pipeline(ctx)
+        runs[name] = ctx
+    ref, a, b = (load_tensors(runs[n].path("distilled.safetensors"))[0] for n in ("ref", "a", "b"))
+    assert torch.equal(ref["source_index"], a["source_index"])  # the same init
+    for k in range(2):
+        name = f"experts/expert_{k:05d}.safetensors"
+        assert torch.equal(load_tensors(runs["ref"].path(name))[0]["params"],
+                           load_tensors(runs["a"].path(name))[0]["params"])
+    assert not torch.equal(ref["targets"], a["targets"])
+    assert torch.equal(a["targets"], b["targets"]) and torch.equal(a["images"], b["images"])
+    fps = {n: read_metadata(runs[n].path("distilled.safetensors"))["fingerprint"] for n in runs}
+    assert fps["a"] == fps["b"] != fps["ref"]
+    assert "seed" not in runs["ref"].cfg.hashed_dict()["distill"]
