@@ -25,7 +25,7 @@ from ..layout import DISTILLED_FILE, TEACHER_FILE
 from ..models.pretrain import PretrainSet, pretrain_kd
 from ..models.probe import extract
 from ..sets.artifact import DistilledSet, is_set_dir, load_distilled_file, method_title, read_set
-from ..sets.results import summarize
+from ..sets.results import paired, summarize
 from ..stages.context import RunContext
 from ..stages.distill.monitor import build_scorer, choose_lr
 from ..stages.teacher import load_teacher
@@ -216,6 +216,9 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
                       "loss": own.metadata.get("matching_loss") or own.metadata.get("krr_loss")},
         "rows": rows, "summary": summarize(rows),
     }
+    reference = base.title("random") if "random" in ec.baselines else None
+    if reference is not None and ec.seeds > 1:  # the bar a distilled set has to clear, seed by seed
+        result["paired"] = {"reference": reference, "summary": paired(rows, reference)}
     if is_main():
         out_dir = ctx.run_dir if out is None else Path(out)
         out_dir.mkdir(parents=True, exist_ok=True)

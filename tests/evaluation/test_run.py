@@ -40,6 +40,14 @@ def test_evaluate_run_seeds_encoders_baselines_and_compare(eval_run: Path, synth
     assert by["full-data KD (240)"]["fidelity_r2"]["mean"] > by["none (random init)"]["fidelity_r2"]["mean"]
     table = (eval_run / "results.md").read_text()
     assert table == format_table(result) and "Encoder convnet(depth=1,pooling=gap,width=4), 2 seeds" in table
+    # every set minus the random subset, seed by seed
+    assert result["paired"]["reference"] == "random subset (12)" and "Minus random subset (12)" in table
+    own = next(p for p in result["paired"]["summary"]
+               if p["set"] == sets[4] and p["encoder"] == first["encoder"])
+    diffs = [r["fidelity_r2"] - b["fidelity_r2"] for r in result["rows"] for b in result["rows"]
+             if r["set"] == sets[4] and b["set"] == sets[1] and r["seed"] == b["seed"]
+             and r["encoder"] == b["encoder"] == first["encoder"]]
+    assert own["fidelity_r2"]["mean"] == pytest.approx(float(np.mean(diffs))) and own["fidelity_r2"]["n"] == 2
     assert json.loads((eval_run / "results.json").read_text())["summary"] == result["summary"]
     with Image.open(eval_run / "results.png") as img:
         assert img.size[1] > 100
