@@ -72,8 +72,8 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     with seeded(ctx.seed_for("distill", "structure")):  # its weights are never used
         model = student_for(ctx, reps.shape[1]).to(dev).train()
     flat = FlatParams(model)
-    objective = FreshStudents(ctx, flat, reps) if d.method == "fidelity" else \
-        ExpertSpans(ctx, flat, reps.shape[1])
+    fidelity = d.method == "fidelity"
+    objective = FreshStudents(ctx, flat, reps) if fidelity else ExpertSpans(ctx, flat, reps.shape[1])
     state = initial_state(ctx, index, reps, fp, dev, force)
     images, targets, lr = state["images"], state["targets"], state["lr"]
     moms = {n: state.get(f"momentum.{n}", torch.zeros_like(state[n])) for n in ("images", "targets", "lr")}
@@ -114,7 +114,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                                                 matcher=matcher, images=images, targets=targets,
                                                 lr=lr, steps=steps))
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
-            raise DivergenceError(f"distill iteration {it}: non-finite matching loss or gradient; "
+            raise DivergenceError(f"distill iteration {it}: non-finite {objective.loss_name} or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
         with torch.no_grad():
             params = {"images": images, "targets": targets, "lr": lr}
@@ -137,8 +137,9 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
         report = progress.record(done, loss)
         if report is not None:
             mean, sec, eta = report
-            ctx.log.info("distill %d/%d: matching loss %.4f (start %d), lr %.4g, %.2f s/it, ETA %s",
-                         done, d.iterations, mean, s, float(lr), sec, eta)
+            ctx.log.info("distill %d/%d: %s %.4f%s, lr %.4g, %.2f s/it, ETA %s", done, d.iterations,
+                         objective.loss_name, mean, "" if fidelity else f" (start {s})", float(lr),
+                         sec, eta)
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
         scored = bool(d.eval_every) and (done % d.eval_every == 0 or done == d.iterations)
         if scorer is not None and scored:
@@ -166,7 +167,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                      kept["iteration"], d.keep_metric, kept[d.keep_metric])
     if curve:
         save_curve(ctx.path(CURVE_FILE), curve, history, None if kept is None else kept["iteration"],
-                   d.eval_lr)
+                   d.eval_lr, loss_name=objective.loss_name)
     lr, chosen = select_lr(ctx, images, targets, lr, scorer)
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method=d.method,
                      extra={**objective.meta(),

@@ -141,8 +141,8 @@ def build_scorer(ctx: RunContext) -> SnapshotScorer:
 
 
 def save_curve(path: Path, curve: list[dict[str, Any]], losses: list[float], kept: int | None,
-               lr: float = 0.0) -> None:
-    """PNG: validation fidelity (and probe) per iteration above the matching loss; a dashed line
+               lr: float = 0.0, loss_name: str = "matching loss") -> None:
+    """PNG: validation fidelity (and probe) per iteration above the stage's loss; a dashed line
     marks the snapshot that was kept. ``lr``: the lr snapshots were pre-trained at (0: learned)."""
     at = f", pre-trained at lr {lr:g}" if lr else ""
     titles = {KEEP_METRIC: f"teacher fidelity R^2 (held-out images{at})", "probe": "linear probe (held-out)"}
@@ -151,6 +151,6 @@ def save_curve(path: Path, curve: list[dict[str, Any]], losses: list[float], kep
     window = 10
     smooth = [sum(losses[max(0, i - window + 1):i + 1]) / len(losses[max(0, i - window + 1):i + 1])
               for i in range(len(losses))]
-    panels.append((f"matching loss (mean of the last {window} iterations)",
+    panels.append((f"{loss_name} (mean of the last {window} iterations)",
                    [(float(i + 1), v) for i, v in enumerate(smooth)]))
     save_line_panels(path, panels, marker=kept)

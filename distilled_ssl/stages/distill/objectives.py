@@ -55,6 +55,8 @@ class ExpertSpans:
     """MKDT's samples: an expert (a fresh seeded order per cycle through them), a start in the
     window of the iteration, the expert's parameters ``span`` checkpoints later as the target."""
 
+    loss_name = "matching loss"
+
     def __init__(self, ctx: RunContext, flat: FlatParams, output_dim: int) -> None:
         d = ctx.cfg.distill
         self.ctx = ctx
@@ -117,6 +119,8 @@ class FreshStudents:
     """``distill.method: fidelity``'s samples: a fresh student init and a real batch per sample
     (both seeded by the iteration and the sample), scored by ``1 - R^2`` of the trained student's
     output against the teacher's reps of the batch."""
+
+    loss_name = "fidelity loss (1 - R^2 on real images)"
 
     def __init__(self, ctx: RunContext, flat: FlatParams, reps: torch.Tensor) -> None:
         self.ctx, self.flat, self.reps = ctx, flat, reps

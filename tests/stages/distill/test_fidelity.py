@@ -71,6 +71,7 @@ def test_fidelity_end_to_end_without_experts(tiny_cfg: RunConfig, tmp_path: Path
     assert torch.equal(torch.get_rng_state(), rng_before)  # fresh students leave the global RNG alone
     log = ctx.path("run.log").read_text()
     assert "experts: skipped: distill.method=fidelity" in log and "fresh convnet students" in log
+    assert "distill 6/6: fidelity loss (1 - R^2 on real images) " in log
     assert not ctx.path("experts").exists()
     tensors, meta = load_tensors(ctx.path("distilled.safetensors"))
     assert meta["method"] == "fidelity" and meta["iterations"] == 6 and meta["real_batch"] == 64
