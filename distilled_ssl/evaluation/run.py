@@ -213,7 +213,8 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
                      "teacher_probe_accuracy": tmeta.get("probe_accuracy")},
         "distilled": {"method": own.metadata.get("method", "mkdt"), "lr": own.lr,
                       "iterations": own.metadata.get("iterations"),
-                      "loss": own.metadata.get("matching_loss") or own.metadata.get("krr_loss")},
+                      "loss": next((own.metadata[k] for k in ("matching_loss", "krr_loss", "fidelity_loss")
+                                    if k in own.metadata), None)},
         "rows": rows, "summary": summarize(rows),
     }
     reference = base.title("random") if "random" in ec.baselines else None

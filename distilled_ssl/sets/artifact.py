@@ -557,7 +557,8 @@ def _provenance(dset: DistilledSet, results: dict[str, Any] | None) -> dict[str,
     meta = dset.metadata
     keep = ("method", "library_version", "format_version", "fingerprint", "num_images", "image_shape",
             "target_dim", "image_encoding", "normalization", "source", "teacher", "student", "init",
-            "num_experts", "iterations", "matching_loss", "krr_loss", "config")
+            "num_experts", "iterations", "matching_loss", "krr_loss", "fidelity_loss",
+            "real_batch", "config")
     prov = {k: meta[k] for k in keep if k in meta}
     prov["learned_lr"] = float(meta.get("lr_learned", dset.lr))
     prov["lr"] = dset.lr

@@ -12,6 +12,10 @@ as it goes (:mod:`.monitor`), ``distill.keep: best`` keeps the best snapshot, an
 checkpointed every ``checkpoint_every`` iterations; a rerun continues where it stopped, and raising
 ``distill.iterations`` continues a finished run. Output: ``distilled.safetensors`` and
 ``distilled.png``.
+
+``distill.method: fidelity`` runs this loop with another objective (:mod:`.objectives`): a fresh
+student per sample instead of an expert's checkpoint, scored by its fidelity on real images instead
+of the distance to the expert's later checkpoint.
 """
 
 from __future__ import annotations
@@ -53,7 +57,8 @@ from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
 
 
 def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
-    """Stage 5 by MKDT: write ``distilled.safetensors`` and ``distilled.png`` (resumable)."""
+    """Stage 5 by MKDT (or ``method: fidelity``): write ``distilled.safetensors`` and
+    ``distilled.png`` (resumable)."""
     out = ctx.path(DISTILLED_FILE)
     fp = distill_fingerprint(ctx)
     d = ctx.cfg.distill
@@ -143,7 +148,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
             bar.set_postfix(loss=f"{mean:.4f}", lr=f"{float(lr):.3g}")
         scored = bool(d.eval_every) and (done % d.eval_every == 0 or done == d.iterations)
         if scorer is not None and scored:
-            _score(ctx, scorer, curve, best, done, images, targets, lr, history)
+            _score(ctx, scorer, curve, best, done, images, targets, lr, history, objective.loss_key)
         if d.patience and scored:  # rank 0 scores; every rank stops with it
             stopped = all_gather_objects(_stalled(curve, d.patience, d.keep_metric))[0]
         if is_main() and (done % d.checkpoint_every == 0 or done == d.iterations or stopped):
@@ -171,7 +176,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     lr, chosen = select_lr(ctx, images, targets, lr, scorer)
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method=d.method,
                      extra={**objective.meta(),
-                            "matching_loss": {"first": rounded_mean(history[:10]),
+                            objective.loss_key: {"first": rounded_mean(history[:10]),
                                               "last": rounded_mean(history[-10:])},
                             **({"validation_curve": curve} if curve else {}),
                             **({"kept_iteration": kept["iteration"]} if kept else {}),
@@ -191,13 +196,14 @@ def _stalled(curve: list[dict[str, Any]], patience: int, metric: str) -> bool:
 
 def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
            best: dict[str, torch.Tensor], done: int, images: torch.Tensor, targets: torch.Tensor,
-           lr: torch.Tensor, history: list[float] | None) -> None:
+           lr: torch.Tensor, history: list[float] | None,
+           loss_key: str = "matching_loss") -> None:
     """Score the current set on the held-out images; remember it when it is the best so far."""
     t0 = time.perf_counter()
     at = ctx.cfg.distill.eval_lr
     point: dict[str, Any] = {"iteration": done, **scorer(images, targets, torch.tensor(at) if at else lr)}
     if history:
-        point["matching_loss"] = rounded_mean(history[-ctx.cfg.distill.eval_every:])
+        point[loss_key] = rounded_mean(history[-ctx.cfg.distill.eval_every:])
     metric = ctx.cfg.distill.keep_metric
     if metric not in point:
         raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "

@@ -55,7 +55,7 @@ class ExpertSpans:
     """MKDT's samples: an expert (a fresh seeded order per cycle through them), a start in the
     window of the iteration, the expert's parameters ``span`` checkpoints later as the target."""
 
-    loss_name = "matching loss"
+    loss_name, loss_key = "matching loss", "matching_loss"  # in logs; in the set's metadata
 
     def __init__(self, ctx: RunContext, flat: FlatParams, output_dim: int) -> None:
         d = ctx.cfg.distill
@@ -120,7 +120,7 @@ class FreshStudents:
     (both seeded by the iteration and the sample), scored by ``1 - R^2`` of the trained student's
     output against the teacher's reps of the batch."""
 
-    loss_name = "fidelity loss (1 - R^2 on real images)"
+    loss_name, loss_key = "fidelity loss (1 - R^2 on real images)", "fidelity_loss"
 
     def __init__(self, ctx: RunContext, flat: FlatParams, reps: torch.Tensor) -> None:
         self.ctx, self.flat, self.reps = ctx, flat, reps

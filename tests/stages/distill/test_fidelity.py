@@ -75,7 +75,7 @@ def test_fidelity_end_to_end_without_experts(tiny_cfg: RunConfig, tmp_path: Path
     assert not ctx.path("experts").exists()
     tensors, meta = load_tensors(ctx.path("distilled.safetensors"))
     assert meta["method"] == "fidelity" and meta["iterations"] == 6 and meta["real_batch"] == 64
-    assert "num_experts" not in meta
+    assert "num_experts" not in meta and "matching_loss" not in meta and meta["fidelity_loss"]["first"] > 0
     reps = load_tensors(ctx.path("targets.safetensors"))[0]["target_reps"]
     assert (tensors["targets"] - reps[tensors["source_index"]]).abs().max() > 1e-4  # targets learned
     ds = DistilledDataset.from_run(ctx.run_dir, image_format="tensor")
