@@ -28,7 +28,7 @@ from ...errors import ArtifactError, ConfigError
 from ...models.encoders import FlatParams, seeded
 from ..context import RunContext, student_for
 from ..experts import ExpertFile, list_experts
-from .matching import autocast
+from .matching import Target, autocast
 
 Outer = Callable[[torch.Tensor], torch.Tensor]  # theta_N -> the sample's loss (differentiable)
 
@@ -47,7 +47,7 @@ class Sample:
     start checkpoint (MKDT; 0 for a fresh student) for the log."""
 
     theta0: torch.Tensor
-    outer: torch.Tensor | Outer  # a target parameter vector (matching) or a loss of theta_N
+    outer: Target  # a target parameter vector (matching) or a loss of theta_N
     start: int
 
 
