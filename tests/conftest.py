@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +15,19 @@ from distilled_ssl.pipeline import prepare_run, run_pipeline
 from distilled_ssl.stages.context import RunContext
 
 pytest_plugins = ["hub_fixtures"]  # loopback Hub server, socket guard, isolated HF_HOME
+
+
+def ctrl_c_at_call(n: int, fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn``, except that its n-th call raises KeyboardInterrupt (a Ctrl-C mid-run)."""
+    calls = [0]
+
+    def wrapped(*args: object, **kwargs: object) -> Any:
+        calls[0] += 1
+        if calls[0] == n:
+            raise KeyboardInterrupt
+        return fn(*args, **kwargs)
+
+    return wrapped
 
 
 def same_artifact(a: Path, b: Path) -> bool:

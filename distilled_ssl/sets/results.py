@@ -63,24 +63,17 @@ def metric_columns(summary: list[dict[str, Any]]) -> list[str]:
     return cols
 
 
-def _cell(metric: str, stat: dict[str, Any] | None) -> str:
+def _cell(metric: str, stat: dict[str, Any] | None, diff: bool = False) -> str:
+    """``mean ± std`` (accuracies in %); a paired ``diff``: signed, with ``(seeds ahead/seeds)``."""
     if not stat:
         return "-"
     pct = "@" in metric
     m, sd = (100 * stat["mean"], 100 * stat["std"]) if pct else (stat["mean"], stat["std"])
-    fmt = "{:.1f}" if pct else "{:.3f}"
-    text = fmt.format(m)
-    return text + (" ± " + fmt.format(sd) if stat["n"] > 1 else "")
-
-
-def _diff_cell(metric: str, stat: dict[str, Any] | None) -> str:
-    if not stat:
-        return "-"
-    pct = "@" in metric
-    m, sd = (100 * stat["mean"], 100 * stat["std"]) if pct else (stat["mean"], stat["std"])
-    fmt = "{:+.1f}" if pct else "{:+.3f}"
-    spread = ("{:.1f}" if pct else "{:.3f}").format(sd)
-    return f"{fmt.format(m)} ± {spread} ({stat['ahead']}/{stat['n']})"
+    digits = 1 if pct else 3
+    spread = f" ± {sd:.{digits}f}"
+    if diff:
+        return f"{m:+.{digits}f}{spread} ({stat['ahead']}/{stat['n']})"
+    return f"{m:.{digits}f}" + (spread if stat["n"] > 1 else "")
 
 
 def format_table(result: dict[str, Any]) -> str:
@@ -110,6 +103,7 @@ def format_table(result: dict[str, Any]) -> str:
             out.append("| pre-training set | " + " | ".join(names.get(c, c) for c in cols) + " |")
             out.append("|---" * (len(cols) + 1) + "|")
             for p in pairs:
-                out.append(f"| {p['set']} | " + " | ".join(_diff_cell(c, p.get(c)) for c in cols) + " |")
+                cells = " | ".join(_cell(c, p.get(c), diff=True) for c in cols)
+                out.append(f"| {p['set']} | {cells} |")
             out.append("")
     return "\n".join(out).rstrip() + "\n"

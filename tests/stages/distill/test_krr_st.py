@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import shutil
-from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import same_artifact
+from conftest import ctrl_c_at_call, same_artifact
 
 import distilled_ssl.stages.distill.krr_st as krr_mod
 from distilled_ssl.config import ConfigError, RunConfig
@@ -42,19 +41,6 @@ def _ctx(cfg: RunConfig, upstream: Path, out: Path, overrides: list[str]) -> Run
         if not (out / name).exists():
             shutil.copy(upstream / name, out / name)
     return prepare_run(cfg.override([*FAST, *overrides]), out, progress=False)
-
-
-def _ctrl_c_at_call(n: int, fn: Callable[..., torch.Tensor]) -> Callable[..., torch.Tensor]:
-    """``fn``, except that its n-th call raises KeyboardInterrupt (a Ctrl-C mid-run)."""
-    calls = [0]
-
-    def wrapped(*args: object, **kwargs: object) -> torch.Tensor:
-        calls[0] += 1
-        if calls[0] == n:
-            raise KeyboardInterrupt
-        return fn(*args, **kwargs)
-
-    return wrapped
 
 
 # ---------------------------------------------------------------------- the closed form
@@ -191,7 +177,7 @@ def test_krr_st_resumes_bit_for_bit(tiny_cfg: RunConfig, upstream: Path, tmp_pat
     for die_at, saved in ((5, 4), (1, 0)):
         ctx = _ctx(tiny_cfg, upstream, tmp_path / f"cut{die_at}", over)
         run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
-        monkeypatch.setattr(krr_mod, "krr_loss", _ctrl_c_at_call(die_at, real_loss))
+        monkeypatch.setattr(krr_mod, "krr_loss", ctrl_c_at_call(die_at, real_loss))
         with pytest.raises(KeyboardInterrupt):
             run_distill(ctx)
         assert read_metadata(ctx.path("distill_state.safetensors"))["iteration"] == saved

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import ctrl_c_at_call
 
 import distilled_ssl.stages.distill.mkdt as distill_mod
 from distilled_ssl.config import RunConfig
@@ -41,15 +42,7 @@ def test_distill_resumes_after_interrupt_and_extends(tiny_cfg: RunConfig, tmp_pa
     ctx = prepare_run(cfg, tmp_path / "cut", progress=False)
     run_pipeline(ctx, stages=["teacher", "targets", "experts", "init"])
     real = distill_mod.MATCHERS["adjoint"]
-    calls = {"n": 0}
-
-    def die_at_fifth(*args: object, **kwargs: object) -> object:
-        calls["n"] += 1
-        if calls["n"] == 5:
-            raise KeyboardInterrupt
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(distill_mod, "MATCHERS", {"adjoint": die_at_fifth})
+    monkeypatch.setattr(distill_mod, "MATCHERS", {"adjoint": ctrl_c_at_call(5, real)})
     with pytest.raises(KeyboardInterrupt):
         run_distill(ctx)
     assert read_metadata(ctx.path("distill_state.safetensors"))["iteration"] == 4
