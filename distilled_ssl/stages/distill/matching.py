@@ -102,11 +102,7 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
             loss = _step_loss(flat, theta, x_leaf[idx], y_leaf[idx])
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
         theta = theta - lr_leaf * g
-    if callable(theta_target):
-        match = theta_target(theta)
-    else:
-        denom = (start.detach() - theta_target).pow(2).sum()
-        match = (theta - theta_target).pow(2).sum() / denom
+    match = _end_loss(start, theta, theta_target)
     if image_grads:
         gx, gy, glr = torch.autograd.grad(match, [x_leaf, y_leaf, lr_leaf])
     else:
@@ -167,12 +163,21 @@ def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
     return MatchResult(match.detach(), gx, gy, glr)
 
 
+def _end_loss(theta0: torch.Tensor, theta_n: torch.Tensor, theta_target: Target) -> torch.Tensor:
+    """The loss of the end point, differentiable in ``theta_n``: ``theta_target(theta_n)``, or the
+    matching loss to a target parameter vector."""
+    if callable(theta_target):
+        return theta_target(theta_n)
+    return (theta_n - theta_target).pow(2).sum() / (theta0.detach() - theta_target).pow(2).sum()
+
+
 def _match_loss(theta0: torch.Tensor, theta_n: torch.Tensor, theta_target: Target
                 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The loss and its gradient with respect to ``theta_n`` (where the walk back starts)."""
+    """The loss and its gradient with respect to ``theta_n`` (where the walk back starts); the
+    matching loss's gradient in closed form."""
     if callable(theta_target):
         th = theta_n.detach().requires_grad_(True)
-        loss = theta_target(th)
+        loss = _end_loss(theta0, th, theta_target)
         (grad,) = torch.autograd.grad(loss, th)
         return loss.detach(), grad
     diff = theta_n - theta_target
