@@ -180,6 +180,8 @@ class DistillConfig:
     compile: bool = False  # adjoint mode: each inner step's computations as torch.compile graphs
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
     real_batch: int = 512  # method fidelity: real training images each inner training is scored on
+    inner_momentum: float = 0.0  # the inner steps as heavy-ball SGD with this momentum (the evaluation
+    # trains with 0.9); 0 = plain SGD, the paper's inner loop. Exact gradients in every mode
     seed: int | None = None  # re-seed the loop's own draws (trajectory samples, expert order, fresh
     # students, real batches) for a replicate run on the same teacher, experts and init (None: the run seed)
     krr_st: KrrStConfig = field(default_factory=KrrStConfig)
@@ -344,6 +346,11 @@ class RunConfig:
         _non_negative(self, "distill.eval_every")
         _positive(self, "distill.eval_seeds")
         _non_negative(self, "distill.eval_lr")
+        if not 0 <= self.distill.inner_momentum < 1:
+            raise ConfigError(f"distill.inner_momentum must be in [0, 1), got {self.distill.inner_momentum}")
+        if self.distill.inner_momentum and self.distill.method == "krr_st":
+            raise ConfigError("distill.inner_momentum is for the unrolled inner loop of methods mkdt and "
+                              "fidelity; KRR-ST has none: remove it")
         if not 0 <= self.distill.smooth <= 0.25:
             raise ConfigError(f"distill.smooth must be in [0, 0.25] (a stable diffusion step), got "
                               f"{self.distill.smooth}")
@@ -504,7 +511,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.patience": 0, "distill.lr_grid": [], "eval.lr_grid": [0.1, 0.2, 0.35, 0.5, 0.7, 1.0],
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0, "distill.eval_lr": 0.0, "distill.real_batch": 512,
-    "distill.seed": None,
+    "distill.seed": None, "distill.inner_momentum": 0.0,
 }
 
 

@@ -71,8 +71,9 @@ class _WindowMean(nn.Module):
 
 
 class CompiledSteps:
-    """``forward(theta, x, y, eta) -> theta'`` and ``reverse(theta, x, y, adj, eta) ->
-    (g . adj, H adj, J_x^T adj or None, J_y^T adj)`` of one inner step, compiled on first use.
+    """``forward(theta, x, y, eta) -> theta'``, ``gradient(theta, x, y) -> g`` and
+    ``reverse(theta, x, y, adj, eta) -> (g . adj, H adj, J_x^T adj or None, J_y^T adj)`` of one
+    inner step, compiled on first use.
 
     ``g`` is the step's gradient of the KD loss at ``theta``; ``H`` its Hessian; ``J_x`` / ``J_y`` the
     Jacobians of ``g`` with respect to the batch's images and target reps (``J_x`` only with
@@ -108,12 +109,17 @@ class CompiledSteps:
 
         self.image_grads = image_grads
         self._forward = _guarded(torch.compile(forward, dynamic=False))
+        self._gradient = _guarded(torch.compile(step_grad, dynamic=False))
         self._reverse = _guarded(torch.compile(reverse, dynamic=False))
 
     def forward(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor
                 ) -> torch.Tensor:
         """The next parameters ``theta - eta * g``."""
         return self._forward(theta, x, y, eta)
+
+    def gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``g`` (the heavy-ball walk's forward sweep; compiled on first use)."""
+        return self._gradient(theta, x, y)
 
     def reverse(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, adj: torch.Tensor,
                 eta: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor]:

@@ -14,6 +14,11 @@ synthetic images X, target reps Y and lr eta:
   last M steps from the forward sweep, so the walk does not recompute them (memory for time; the
   result is the same).
 
+``momentum=mu`` (``distill.inner_momentum``; 0, plain SGD, is the paper's inner loop) makes each
+inner step heavy-ball SGD as the evaluation trains: ``v_{i+1} = mu v_i + g_i`` (``v_0 = 0``),
+``theta_{i+1} = theta_i - eta v_{i+1}``. The adjoint walk then carries the velocity's adjoint too
+(same one Hessian-vector product per step, the velocities stored beside the parameters).
+
 ``precision="bf16"`` runs each step's forward and backward under bfloat16 autocast (fp32
 accumulation; images, targets, lr and the student's parameters stay fp32 master copies);
 ``"fp32"`` is exact.
@@ -46,6 +51,10 @@ class StepFunctions(Protocol):
     def forward(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor
                 ) -> torch.Tensor:
         """``theta - eta * g``."""
+        ...
+
+    def gradient(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """``g``, the step's gradient of the KD loss at ``theta`` (heavy-ball steps)."""
         ...
 
     def reverse(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, adj: torch.Tensor,
@@ -87,7 +96,8 @@ def autocast(precision: str, device: torch.device) -> contextlib.AbstractContext
 def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
                    images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                    batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
-                   image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
+                   image_grads: bool = True, steps: StepFunctions | None = None,
+                   momentum: float = 0.0) -> MatchResult:
     """Reference mode: unroll all steps with ``create_graph`` and take one backward (every graph
     is kept: ``keep_graphs`` has nothing to change; compiled ``steps`` are the adjoint's only)."""
     if steps is not None:
@@ -97,10 +107,14 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
     lr_leaf = lr.detach().requires_grad_(True)
     theta = theta0.detach().requires_grad_(True)
     start = theta
+    v = torch.zeros_like(theta0) if momentum else None
     for idx in batches:
         with autocast(precision, images.device):
             loss = _step_loss(flat, theta, x_leaf[idx], y_leaf[idx])
             (g,) = torch.autograd.grad(loss, theta, create_graph=True)
+        if v is not None:
+            v = momentum * v + g
+            g = v
         theta = theta - lr_leaf * g
     match = _end_loss(start, theta, theta_target)
     if image_grads:
@@ -114,15 +128,19 @@ def match_unrolled(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
 def match_adjoint(flat: FlatParams, theta0: torch.Tensor, theta_target: Target,
                   images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                   batches: list[torch.Tensor], *, precision: str = "fp32", keep_graphs: int = 0,
-                  image_grads: bool = True, steps: StepFunctions | None = None) -> MatchResult:
+                  image_grads: bool = True, steps: StepFunctions | None = None,
+                  momentum: float = 0.0) -> MatchResult:
     """Exact gradients with memory constant in the number of steps (reverse-mode adjoint walk);
     the last ``keep_graphs`` steps keep their graphs from the forward sweep (memory grows by that
     many steps' graphs; the walk skips recomputing them). With compiled ``steps`` every step is
     recomputed by the compiled graphs (``keep_graphs`` must be 0)."""
+    if steps is not None and keep_graphs:
+        raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
+                          "walk recomputes every step); set one of them")
+    if momentum:
+        return _match_momentum(flat, steps, theta0, theta_target, images, targets, lr, batches,
+                               momentum, precision, keep_graphs, image_grads)
     if steps is not None:
-        if keep_graphs:
-            raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
-                              "walk recomputes every step); set one of them")
         return _match_compiled(steps, theta0, theta_target, images, targets, lr, batches)
     x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
     n = len(batches)
@@ -206,6 +224,60 @@ def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: Ta
             gx.index_add_(0, idx, -eta * jx)
         adj = adj - eta * hv
         thetas[i + 1] = thetas[i + 1][:0]
+    return MatchResult(match.detach(), gx, gy, glr)
+
+
+def _match_momentum(flat: FlatParams, steps: StepFunctions | None, theta0: torch.Tensor,
+                    theta_target: Target, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                    batches: list[torch.Tensor], momentum: float, precision: str, keep_graphs: int,
+                    image_grads: bool) -> MatchResult:
+    """The adjoint walk of heavy-ball inner steps (eager, or with compiled ``steps``).
+
+    The state is ``(theta, v)``; with adjoints ``a`` of theta_{i+1} and ``b`` of v_{i+1}, and
+    ``c = b - eta a`` the adjoint of the step's gradient g_i: ``a <- a + H_i c``, ``b <- mu c``,
+    ``dL/deta -= v_{i+1} . a`` and the batch's images and target reps get ``J^T c``."""
+    x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
+    n = len(batches)
+    thetas, vels = [theta0.detach()], [torch.zeros_like(theta0)]
+    kept: dict[int, tuple[torch.Tensor, ...]] = {}
+    for i, idx in enumerate(batches):
+        if steps is not None:
+            g = steps.gradient(thetas[i], x_all[idx], y_all[idx])
+        elif i >= n - keep_graphs:
+            kept[i] = _step_graph(flat, thetas[i].detach().requires_grad_(True), x_all, y_all, idx,
+                                  precision, image_grads)
+            g = kept[i][1].detach()
+        else:
+            th = thetas[i].detach().requires_grad_(True)
+            with autocast(precision, x_all.device):
+                (g,) = torch.autograd.grad(_step_loss(flat, th, x_all[idx], y_all[idx]), th)
+        vels.append(momentum * vels[i] + g)
+        thetas.append(thetas[i] - eta * vels[-1])
+    match, a = _match_loss(thetas[0], thetas[-1], theta_target)
+    b = torch.zeros_like(a)
+    gx = torch.zeros_like(x_all)
+    gy = torch.zeros_like(y_all)
+    glr = torch.zeros((), dtype=eta.dtype, device=eta.device)
+    for i in range(n - 1, -1, -1):
+        idx = batches[i]
+        glr -= torch.dot(vels[i + 1], a)
+        c = b - eta * a
+        if steps is not None:
+            _, hv, jx, jy = steps.reverse(thetas[i], x_all[idx], y_all[idx], c, eta)
+        else:
+            th, g, xb, yb = kept.pop(i) if i in kept else _step_graph(
+                flat, thetas[i].detach().requires_grad_(True), x_all, y_all, idx, precision, image_grads)
+            if image_grads:
+                hv, jx, jy = torch.autograd.grad(g, [th, xb, yb], grad_outputs=c)
+            else:
+                (hv, jy), jx = torch.autograd.grad(g, [th, yb], grad_outputs=c), None
+            del g, th, xb, yb
+        if jx is not None:
+            gx.index_add_(0, idx, jx)
+        gy.index_add_(0, idx, jy)
+        a = a + hv
+        b = momentum * c
+        thetas[i + 1], vels[i + 1] = thetas[i + 1][:0], vels[i + 1][:0]
     return MatchResult(match.detach(), gx, gy, glr)
 
 

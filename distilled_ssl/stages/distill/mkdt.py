@@ -227,7 +227,8 @@ def _sample_gradient(ctx: RunContext, objective: ExpertSpans | FreshStudents, it
     sample = objective(it, j, g, dev)
     batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
     res = matcher(flat, sample.theta0, sample.outer, images, targets, lr, batches, precision=d.precision,
-                  keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0, steps=steps)
+                  keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0, steps=steps,
+                  momentum=d.inner_momentum)
     return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, sample.start
 
 
