@@ -86,8 +86,10 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     norms: dict[str, float] = state["meta"].get("norm_ema", {})
     start = int(state["meta"].get("iteration", 0))
     if start == 0:
-        ctx.log.info("distill (%s): %d images, %s, %s mode, syn_steps %d, batch %d", d.method, k,
-                     objective.describe(), d.mode, d.syn_steps, min(d.batch_syn, k))
+        ctx.log.info("distill (%s): %d images, %s, %s mode, syn_steps %d%s, batch %d", d.method, k,
+                     objective.describe(), d.mode, d.syn_steps,
+                     f" (heavy-ball, momentum {d.inner_momentum:g})" if d.inner_momentum else "",
+                     min(d.batch_syn, k))
     if d.samples_per_iteration % world_size() and is_main():
         ctx.log.warning("distill: %d trajectory sample(s) per iteration on %d ranks: %d rank(s) idle "
                         "for part of every iteration; set distill.samples_per_iteration to a multiple "

@@ -137,3 +137,5 @@ def test_a_run_with_heavy_ball_inner_steps(tiny_cfg: RunConfig, tmp_path: Path) 
     a, b = (read_metadata(c.path("distilled.safetensors")) for c in (plain, heavy))
     assert a["matching_loss"] != b["matching_loss"]
     assert b["iterations"] == a["iterations"]
+    assert "syn_steps 3 (heavy-ball, momentum 0.9)" in heavy.path("run.log").read_text()
+    assert "heavy-ball" not in plain.path("run.log").read_text()
