@@ -35,25 +35,30 @@ import time
 import torch
 
 # name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc,
-#          image gradients, compiled steps). Rows without image gradients do less work than the
-#          reference (they are what targets-only distillation, ``distill.lr_img: 0``, runs), and say so.
-#          Compiled rows (``distill.compile: true``) pay the compile in their warm-up call, reported apart.
-VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool]] = {
-    "reference": ("unrolled", "fp32", "0", True, False, True, False),
-    "unrolled": ("unrolled", "fp32", "0", False, False, True, False),
-    "adjoint": ("adjoint", "fp32", "0", False, False, True, False),
-    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True, False),
-    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True, False),
-    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True, False),
-    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True, False),
-    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True, False),
-    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True, False),
-    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False, False),
-    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False),
-    "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True),
-    "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True),
-    "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True),
-    "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True),
+#          image gradients, compiled steps, inner momentum). Rows without image gradients do less work
+#          than the reference (they are what targets-only distillation, ``distill.lr_img: 0``, runs),
+#          and say so. Compiled rows (``distill.compile: true``) pay the compile in their warm-up call,
+#          reported apart. Heavy-ball rows (``distill.inner_momentum``) run another inner loop than the
+#          reference's plain SGD: compare them with their plain twins.
+VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool, float]] = {
+    "reference": ("unrolled", "fp32", "0", True, False, True, False, 0.0),
+    "unrolled": ("unrolled", "fp32", "0", False, False, True, False, 0.0),
+    "adjoint": ("adjoint", "fp32", "0", False, False, True, False, 0.0),
+    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True, False, 0.0),
+    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True, False, 0.0),
+    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True, False, 0.0),
+    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True, False, 0.0),
+    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True, False, 0.0),
+    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True, False, 0.0),
+    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False, False, 0.0),
+    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False, 0.0),
+    "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True, 0.0),
+    "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True, 0.0),
+    "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True, 0.0),
+    "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True, 0.0),
+    "adjoint heavy-ball": ("adjoint", "fp32", "0", False, False, True, False, 0.9),
+    "adjoint bf16 compiled, targets only, heavy-ball":
+        ("adjoint", "bf16", "0", False, False, False, True, 0.9),
 }
 DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep all", "adjoint bf16", "adjoint compiled",
            "adjoint bf16 compiled"]
@@ -104,12 +109,14 @@ def cell(args: argparse.Namespace) -> dict:
     from distilled_ssl.stages.distill.compiled import CompiledSteps
     from distilled_ssl.stages.distill.matching import minibatches
 
-    mode, precision, keep, native, _, image_grads, compiled = VARIANTS[args.variant]
+    mode, precision, keep, native, _, image_grads, compiled, momentum = VARIANTS[args.variant]
     torch.set_num_threads(args.threads)
     _model, flat, theta0, target, images, reps = _setup(args, native)
     lr = torch.tensor(0.1, device=args.device)
     fn = MATCHERS[mode]
     kw = {"precision": precision, "keep_graphs": _keep(keep, args.syn_steps), "image_grads": image_grads}
+    if momentum:
+        kw["momentum"] = momentum
     if compiled:
         kw["steps"] = CompiledSteps(flat, precision=precision, image_grads=image_grads)
     times, first, warmup = [], None, 0.0
@@ -131,7 +138,7 @@ def cell(args: argparse.Namespace) -> dict:
            "parameters": flat.size, "warmup_seconds": warmup}
     if precision != "fp32" or compiled:
         res, batches = first
-        exact = MATCHERS["adjoint"](flat, theta0, target, images, reps, lr, batches)
+        exact = MATCHERS["adjoint"](flat, theta0, target, images, reps, lr, batches, momentum=momentum)
         out["cosine"] = {n: float(torch.nn.functional.cosine_similarity(
             getattr(res, n).flatten().double(), getattr(exact, n).flatten().double(), dim=0))
             for n in ("grad_images", "grad_targets") if image_grads or n == "grad_targets"}
@@ -206,7 +213,7 @@ def main() -> None:
              f"reference | {peak} (MiB) | grad cosine vs fp32 eager (images / targets) | first call (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode, precision, keep, _, _, _, _ = VARIANTS[r["variant"]]
+        mode, precision, keep, _, _, _, _, _ = VARIANTS[r["variant"]]
         mem = _memory(r, in_process)
         speed = f"{ref[r['syn_steps']] / r['seconds']:.2f}x" if r["syn_steps"] in ref else "-"
         cos = (" / ".join(f"{r['cosine'][n]:.4f}" if n in r["cosine"] else "-"
