@@ -154,7 +154,7 @@ def test_a_rank_killed_mid_experts_resumes_without_redoing_finished_ones(
 
 
 DDP_GRADIENTS = """
-import copy, torch, torch.distributed as dist
+import copy, os, torch, torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from distilled_ssl.models.losses import barlow_twins_loss, nt_xent_loss
 dist.init_process_group("gloo")
@@ -172,10 +172,14 @@ for loss in (barlow_twins_loss, nt_xent_loss):
     part = loss(ddp(x1[rows]), ddp(x2[rows]), gather_distributed=True)
     part.backward()
     assert torch.allclose(part, whole, rtol=1e-5), (loss.__name__, part, whole)
+    # to within float noise of the largest gradient: some are zero up to rounding (Barlow Twins
+    # standardises each output over the batch, so the last bias's gradient is ~1e-7 of noise)
+    scale = max(float(q.grad.abs().max()) for q in one.parameters())
     for p, q in zip(model.parameters(), one.parameters()):
-        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-6), (loss.__name__, p.grad, q.grad)
-print("gradients match on rank", rank)
+        assert torch.allclose(p.grad, q.grad, rtol=1e-4, atol=1e-5 * scale), (loss.__name__, p.grad, q.grad)
+print("gradients match on rank", rank, flush=True)
 dist.destroy_process_group()  # a live gloo group at interpreter exit can abort ("terminate called ...")
+os._exit(0)  # and so, under load, can gloo's own teardown at exit: skip the C++ destructors
 """
 
 
