@@ -100,6 +100,9 @@ class ExpertsConfig:
     momentum: float = 0.9
     weight_decay: float = 1e-4
     checkpoint_every_steps: int | None = None  # None = one checkpoint per epoch
+    # Cross-architecture matching: more student architectures whose experts are trained too
+    # (num_experts each, in experts-<arch>/); stage 5 (mkdt) matches them in turn with the student's.
+    extra_students: list[ModelConfig] = field(default_factory=list)
 
 
 @dataclass
@@ -457,9 +460,24 @@ class RunConfig:
         if self.eval.model is not None:
             models.append(("eval.model", self.eval.model))
         models += [(f"eval.extra_models[{i}]", m) for i, m in enumerate(self.eval.extra_models)]
+        models += [(f"experts.extra_students[{i}]", m) for i, m in enumerate(self.experts.extra_students)]
+        self._validate_extra_students()
         for where, model in models:
             MODELS.check(model.arch, where)
         return self
+
+    def _validate_extra_students(self) -> None:
+        extra = self.experts.extra_students
+        if not extra:
+            return
+        if self.distill.method != "mkdt":
+            raise ConfigError(f"experts.extra_students are matched in turn by distill.method=mkdt; "
+                              f"distill.method={self.distill.method} matches no experts: remove them")
+        seen = [self.student, *extra]
+        for i, m in enumerate(extra):
+            if any(m.arch == o.arch and m.kwargs == o.kwargs for o in seen[:i + 1]):
+                raise ConfigError(f"experts.extra_students[{i}] ({m.arch} {m.kwargs}) repeats the student "
+                                  "or an earlier entry; list each architecture once")
 
     def _validate_teacher_load(self) -> None:
         tc = self.teacher
@@ -511,7 +529,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.patience": 0, "distill.lr_grid": [], "eval.lr_grid": [0.1, 0.2, 0.35, 0.5, 0.7, 1.0],
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0, "distill.eval_lr": 0.0, "distill.real_batch": 512,
-    "distill.seed": None, "distill.inner_momentum": 0.0,
+    "distill.seed": None, "distill.inner_momentum": 0.0, "experts.extra_students": [],
 }
 
 

@@ -6,6 +6,7 @@ A run directory (``--out``)::
     teacher.safetensors                      stage 1 (teacher.partial.safetensors while training)
     targets.safetensors                      stage 2
     experts/expert_NNNNN.safetensors         stage 3 (.partial.safetensors / .lock while training)
+    experts-ARCH/expert_NNNNN.safetensors    stage 3, each of experts.extra_students (ARCH: its tag)
     init.safetensors                         stage 4
     distilled.safetensors  distilled.png     stage 5 (distill_state.safetensors: its resumable state;
     curve.png                                its validation curve, with distill.eval_every)
@@ -24,6 +25,7 @@ TEACHER_PARTIAL_FILE = "teacher.partial.safetensors"
 TARGETS_FILE = "targets.safetensors"
 EXPERTS_DIR = "experts"
 EXPERT_PATTERN = "expert_{:05d}.safetensors"
+EXTRA_EXPERTS_PATTERN = "experts-{}"  # experts.extra_students: one folder per architecture tag
 INIT_FILE = "init.safetensors"
 DISTILLED_FILE = "distilled.safetensors"
 STATE_FILE = "distill_state.safetensors"

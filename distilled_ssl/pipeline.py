@@ -38,7 +38,14 @@ from .registry import Registry
 from .stages.context import LOGGER_NAME, RunContext
 from .stages.distill import run_distill
 from .stages.distill.common import distill_fingerprint
-from .stages.experts import check_expert, expert_path, experts_fingerprint, list_experts, run_experts
+from .stages.experts import (
+    check_expert,
+    expert_path,
+    experts_fingerprint,
+    list_experts,
+    run_experts,
+    student_views,
+)
 from .stages.init import init_fingerprint, run_init
 from .stages.targets import run_targets, targets_fingerprint
 from .stages.teacher import run_teacher, teacher_fingerprint
@@ -52,9 +59,10 @@ def _experts_then_check(ctx: RunContext, *, force: bool = False) -> Path:
         ctx.log.info("experts: skipped: distill.method=%s needs no expert trajectories and "
                      "init.method=%s needs no expert losses", cfg.distill.method, cfg.init.method)
         return ctx.path(EXPERTS_DIR)
-    run_experts(ctx, force=force)  # waits for experts that other processes are training
-    barrier()  # under torchrun: every rank's experts are written
-    list_experts(ctx, verify=False)  # all experts finished (run_experts verified them)
+    for view in student_views(ctx):  # the student's experts, then each extra student's
+        run_experts(view, force=force)  # waits for experts that other processes are training
+        barrier()  # under torchrun: every rank's experts are written
+        list_experts(view, verify=False)  # all experts finished (run_experts verified them)
     return ctx.path(EXPERTS_DIR)
 
 
@@ -147,12 +155,12 @@ def _check_reuse(ctx: RunContext) -> None:
         return
     check_fingerprint(ctx.path(TARGETS_FILE), targets_fingerprint(ctx), "targets", verify=False)
     cfg = ctx.cfg
-    if cfg.needs_experts:
-        fp = experts_fingerprint(ctx)
+    for view in student_views(ctx) if cfg.needs_experts else []:
+        fp = experts_fingerprint(view)
         for k in range(cfg.experts.num_experts):
-            path = expert_path(ctx, k)
+            path = expert_path(view, k)
             if path.exists():
-                check_expert(ctx, path, read_metadata(path), fp)
+                check_expert(view, path, read_metadata(path), fp)
     check_fingerprint(ctx.path(INIT_FILE), init_fingerprint(ctx), "init", verify=False)
     state = ctx.path(STATE_FILE)
     if state.exists() and read_metadata(state).get("fingerprint") != distill_fingerprint(ctx):

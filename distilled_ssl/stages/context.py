@@ -17,6 +17,7 @@ from ..config import RunConfig
 from ..data.sources import ImageSet, load_source, seeded_subset
 from ..distributed import local_rank, world_size
 from ..errors import ConfigError, DeviceError
+from ..layout import EXPERTS_DIR
 from ..models.encoders import Encoder, build_model
 
 LOGGER_NAME = "distilled_ssl"
@@ -34,6 +35,7 @@ class RunContext:
     run_dir: Path
     progress: bool = True
     log: logging.Logger = field(default_factory=lambda: logging.getLogger(LOGGER_NAME))
+    experts_dir: str = EXPERTS_DIR  # where the experts of ``cfg.student`` are (see experts.student_views)
 
     def __post_init__(self) -> None:
         self.run_dir = Path(self.run_dir)

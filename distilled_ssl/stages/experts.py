@@ -5,15 +5,19 @@ augmentation). Its parameters (and float buffers, for BN students) at step 0 and
 ``checkpoint_every_steps`` (default: every epoch) up to the last one stage 5 or 4 reads are stored
 as rows of ``params`` [T, P] in ``experts/expert_NNNNN.safetensors``. Experts are independent:
 each is claimed with a lock file, written atomically and resumable per epoch, so several processes
-can fill one directory.
+can fill one directory. ``experts.extra_students`` adds the experts of more architectures, each in
+its own folder (:func:`student_views`), for cross-architecture matching.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
+import dataclasses
 import json
 import math
 import os
+import re
 import socket
 import threading
 import time
@@ -23,11 +27,12 @@ from typing import Any
 
 import torch
 
+from ..config import ModelConfig
 from ..data.sources import normalize
 from ..distributed import rank, world_size
 from ..errors import ArtifactError, ConfigError, DivergenceError
 from ..io import load_rows, load_tensors, read_metadata, save_tensors, verify_tensors
-from ..layout import EXPERT_PATTERN, EXPERTS_DIR, TARGETS_FILE
+from ..layout import EXPERT_PATTERN, EXTRA_EXPERTS_PATTERN, TARGETS_FILE
 from ..models.encoders import FlatParams, seeded
 from ..models.losses import kd_loss
 from .context import RunContext, combine, student_for
@@ -97,7 +102,26 @@ def check_expert(ctx: RunContext, path: Path, meta: dict[str, Any], fp: str) -> 
 
 
 def expert_path(ctx: RunContext, k: int) -> Path:
-    return ctx.path(EXPERTS_DIR) / EXPERT_PATTERN.format(k)
+    return ctx.path(ctx.experts_dir) / EXPERT_PATTERN.format(k)
+
+
+def architecture_tag(model: ModelConfig) -> str:
+    """A folder-safe name of an architecture and its kwargs: ``resnet10_width0.125``."""
+    parts = [model.arch, *(f"{k}{v}" for k, v in sorted(model.kwargs.items()))]
+    return re.sub(r"[^A-Za-z0-9._-]+", "", "_".join(parts))
+
+
+def student_views(ctx: RunContext) -> list[RunContext]:
+    """The run as each architecture whose experts it trains: the run itself (``student``), then one
+    view per ``experts.extra_students`` entry, whose ``cfg.student`` is that architecture and
+    whose experts live in their own folder. Views share the run's loaded source images."""
+    views = [ctx]
+    for model in ctx.cfg.experts.extra_students:
+        view = copy.copy(ctx)  # the cached source split is shared, not loaded again
+        view.cfg = dataclasses.replace(ctx.cfg, student=model)
+        view.experts_dir = EXTRA_EXPERTS_PATTERN.format(architecture_tag(model))
+        views.append(view)
+    return views
 
 
 def run_experts(ctx: RunContext, *, force: bool = False) -> list[Path]:
@@ -183,12 +207,12 @@ def train_expert(ctx: RunContext, k: int, reps: torch.Tensor, fingerprint: str, 
             buffer_rows = list(state["buffers_rows"])
             epoch_losses = state["meta"]["epoch_losses"]
             start_epoch = state["meta"]["epoch"]
-            ctx.log.info("expert %d: resuming after epoch %d", k, start_epoch)
+            ctx.log.info("%s: resuming after epoch %d", _name(ctx, k), start_epoch)
     reps_dev = reps.to(dev)
     mean, std = data.mean, data.std
     epochs = math.ceil(last_step / sched.steps_per_epoch)
     step = start_epoch * sched.steps_per_epoch
-    bar = ctx.bar(total=last_step, initial=step, desc=f"expert {k + 1}/{ec.num_experts}")
+    bar = ctx.bar(total=last_step, initial=step, desc=_name(ctx, k, of=ec.num_experts))
     for epoch in range(start_epoch, epochs):
         model.train()
         order = torch.randperm(n, generator=ctx.generator("expert", k, "epoch", epoch))
@@ -213,10 +237,10 @@ def train_expert(ctx: RunContext, k: int, reps: torch.Tensor, fingerprint: str, 
                 bar.set_postfix(loss=f"{loss.item():.4f}")
         dt = time.perf_counter() - t0
         epoch_losses.append(float(total_loss) / max(seen, 1))
-        ctx.log.info("expert %d epoch %d: KD loss %.5f, %.0f images/s", k, epoch + 1,
+        ctx.log.info("%s epoch %d: KD loss %.5f, %.0f images/s", _name(ctx, k), epoch + 1,
                      epoch_losses[-1], seen / dt)
         if not math.isfinite(epoch_losses[-1]):
-            raise DivergenceError(f"expert {k} diverged (loss {epoch_losses[-1]}); lower experts.lr")
+            raise DivergenceError(f"{_name(ctx, k)} diverged (loss {epoch_losses[-1]}); lower experts.lr")
         if step < last_step:
             _write_partial(partial, model, flat, opt, params_rows, buffer_rows,
                            {"epoch": epoch + 1, "epoch_losses": epoch_losses,
@@ -236,6 +260,13 @@ def train_expert(ctx: RunContext, k: int, reps: torch.Tensor, fingerprint: str, 
     save_tensors(out, tensors, meta)
     partial.unlink(missing_ok=True)
     return out
+
+
+def _name(ctx: RunContext, k: int, of: int | None = None) -> str:
+    """``expert 3`` (``expert 4/12`` with ``of``), with the architecture for an extra student's."""
+    name = f"expert {k}" if of is None else f"expert {k + 1}/{of}"
+    extra = ctx.cfg.student in ctx.cfg.experts.extra_students
+    return f"{name} ({architecture_tag(ctx.cfg.student)})" if extra else name
 
 
 def _write_partial(path: Path, model: torch.nn.Module, flat: FlatParams, opt: torch.optim.SGD,
@@ -441,6 +472,6 @@ def list_experts(ctx: RunContext, *, verify: bool = True) -> list[ExpertFile]:
         locked = [k for k in missing if _lock_path(ctx, k).exists()]
         held = "".join(f"; expert {k} is {_ExpertLock.describe(_lock_path(ctx, k))}" for k in locked[:3])
         raise ArtifactError(f"experts {missing[:10]}{'...' if len(missing) > 10 else ''} are not "
-                            f"finished in {ctx.path(EXPERTS_DIR)}; run the experts stage first (it "
+                            f"finished in {ctx.path(ctx.experts_dir)}; run the experts stage first (it "
                             f"waits for experts other processes are training){held}")
     return files

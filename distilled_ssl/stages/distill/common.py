@@ -17,6 +17,7 @@ from ...errors import ArtifactError
 from ...io import load_tensors, read_metadata, save_tensors
 from ...layout import GRID_FILE, INIT_FILE, STATE_FILE, TARGETS_FILE, TEACHER_FILE
 from ..context import RunContext, combine
+from ..experts import experts_fingerprint, student_views
 from ..init import init_fingerprint
 from .monitor import SnapshotScorer, build_scorer, choose_lr
 
@@ -38,7 +39,9 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if d.method != "fidelity":
         skip.add("real_batch")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}
-    return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed))
+    # cross-architecture matching: the extra students' experts too (nothing added without them)
+    extra = [experts_fingerprint(view) for view in student_views(ctx)[1:]]
+    return combine(init_fingerprint(ctx), "distill", repr(sorted(keys.items())), str(ctx.cfg.seed), *extra)
 
 
 class IterationLog:

@@ -13,6 +13,9 @@ checkpointed every ``checkpoint_every`` iterations; a rerun continues where it s
 ``distill.iterations`` continues a finished run. Output: ``distilled.safetensors`` and
 ``distilled.png``.
 
+With ``experts.extra_students`` the iterations take the architectures in turn (iteration i
+matches an expert of architecture i mod A, each cycling through its own experts).
+
 ``distill.method: fidelity`` runs this loop with another objective (:mod:`.objectives`): a fresh
 student per sample instead of an expert's checkpoint, scored by its fidelity on real images instead
 of the distance to the expert's later checkpoint.
@@ -37,7 +40,7 @@ from ...layout import CURVE_FILE, DISTILLED_FILE, STATE_FILE
 from ...models.encoders import FlatParams, seeded
 from ...registry import MATCHERS
 from ..context import RunContext, student_for
-from ..experts import ExpertFile  # noqa: F401 (the tests patch it here)
+from ..experts import ExpertFile, student_views  # noqa: F401 (ExpertFile: the tests patch it here)
 from ..init import load_init
 from ..targets import load_targets
 from .common import (
@@ -74,11 +77,19 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     index = load_init(ctx)
     reps = load_targets(ctx)
     k = len(index)
-    with seeded(ctx.seed_for("distill", "structure")):  # its weights are never used
-        model = student_for(ctx, reps.shape[1]).to(dev).train()
-    flat = FlatParams(model)
     fidelity = d.method == "fidelity"
-    objective = FreshStudents(ctx, flat, reps) if fidelity else ExpertSpans(ctx, flat, reps.shape[1])
+    # the student, then (experts.extra_students) each other architecture: iteration it matches
+    # the experts of architecture it mod A
+    views = [ctx] if fidelity else student_views(ctx)
+    flats: list[FlatParams] = []
+    for view in views:
+        with seeded(ctx.seed_for("distill", "structure")):  # its weights are never used
+            flats.append(FlatParams(student_for(view, reps.shape[1]).to(dev).train()))
+    objectives: list[ExpertSpans | FreshStudents] = (
+        [FreshStudents(ctx, flats[0], reps)] if fidelity else
+        [ExpertSpans(view, flat, reps.shape[1], turns=len(views))
+         for view, flat in zip(views, flats, strict=True)])
+    objective = objectives[0]
     state = initial_state(ctx, index, reps, fp, dev, force)
     images, targets, lr = state["images"], state["targets"], state["lr"]
     moms = {n: state.get(f"momentum.{n}", torch.zeros_like(state[n])) for n in ("images", "targets", "lr")}
@@ -87,7 +98,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     start = int(state["meta"].get("iteration", 0))
     if start == 0:
         ctx.log.info("distill (%s): %d images, %s, %s mode, syn_steps %d%s, batch %d", d.method, k,
-                     objective.describe(), d.mode, d.syn_steps,
+                     _describe(objectives), d.mode, d.syn_steps,
                      f" (heavy-ball, momentum {d.inner_momentum:g})" if d.inner_momentum else "",
                      min(d.batch_syn, k))
     if d.samples_per_iteration % world_size() and is_main():
@@ -96,7 +107,8 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                         "of the number of ranks", d.samples_per_iteration, world_size(),
                         world_size() - d.samples_per_iteration % world_size())
     matcher = MATCHERS[d.mode]
-    steps = CompiledSteps(flat, precision=d.precision, image_grads=d.lr_img > 0) if d.compile else None
+    steps = [CompiledSteps(flat, precision=d.precision, image_grads=d.lr_img > 0) if d.compile else None
+             for flat in flats]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
     adam = {"images"} if d.image_optimizer == "adam" else set()
     sq = {n: state.get(f"sq.{n}", torch.zeros_like(state[n])) for n in adam}
@@ -116,10 +128,11 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     bar = ctx.bar(total=d.iterations, initial=start, desc="distill")
     progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, start if stopped else d.iterations):
+        turn = it % len(objectives)
         loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
-                                        partial(_sample_gradient, ctx, objective, it, flat=flat,
-                                                matcher=matcher, images=images, targets=targets,
-                                                lr=lr, steps=steps))
+                                        partial(_sample_gradient, ctx, objectives[turn], it,
+                                                flat=flats[turn], matcher=matcher, images=images,
+                                                targets=targets, lr=lr, steps=steps[turn]))
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite {objective.loss_name} or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
@@ -177,7 +190,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                    d.eval_lr, loss_name=objective.loss_name)
     lr, chosen = select_lr(ctx, images, targets, lr, scorer)
     write_distilled(ctx, out, fp, index, images, targets, lr, history, method=d.method,
-                     extra={**objective.meta(),
+                     extra={**objective.meta(), **_cross_meta(objectives),
                             objective.loss_key: {"first": rounded_mean(history[:10]),
                                               "last": rounded_mean(history[-10:])},
                             **({"validation_curve": curve} if curve else {}),
@@ -186,6 +199,23 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                             **({"stopped_at": len(history), "patience": d.patience} if stopped else {}),
                             **chosen})
     return out
+
+
+def _describe(objectives: list[ExpertSpans | FreshStudents]) -> str:
+    """The start log's account of the samples (every architecture's, when they take turns)."""
+    if len(objectives) == 1:
+        return objectives[0].describe()
+    return "architectures in turn: " + "; ".join(f"{o.arch}: {o.describe()}" for o in objectives
+                                                 if isinstance(o, ExpertSpans))
+
+
+def _cross_meta(objectives: list[ExpertSpans | FreshStudents]) -> dict[str, Any]:
+    """The set's metadata on cross-architecture matching (nothing for one architecture)."""
+    if len(objectives) == 1:
+        return {}
+    return {"cross_architecture": [{"arch": o.ctx.cfg.student.arch, "kwargs": o.ctx.cfg.student.kwargs,
+                                    "num_experts": len(o.experts)}
+                                   for o in objectives if isinstance(o, ExpertSpans)]}
 
 
 def _stalled(curve: list[dict[str, Any]], patience: int, metric: str) -> bool:

@@ -57,9 +57,11 @@ class ExpertSpans:
 
     loss_name, loss_key = "matching loss", "matching_loss"  # in logs; in the set's metadata
 
-    def __init__(self, ctx: RunContext, flat: FlatParams, output_dim: int) -> None:
+    def __init__(self, ctx: RunContext, flat: FlatParams, output_dim: int, turns: int = 1) -> None:
+        """``turns``: how many architectures take iterations in turn (this one every ``turns``-th);
+        its experts are cycled through over its own iterations."""
         d = ctx.cfg.distill
-        self.ctx = ctx
+        self.ctx, self.turns = ctx, turns
         self.experts = list_experts(ctx)
         first = self.experts[0]
         if first.meta["output_dim"] != output_dim or first.params(0).shape[1] != flat.size:
@@ -88,9 +90,16 @@ class ExpertSpans:
     def meta(self) -> dict[str, Any]:
         return {"num_experts": len(self.experts)}
 
+    @property
+    def arch(self) -> str:
+        """The architecture the experts are of (``arch`` and its kwargs)."""
+        s = self.ctx.cfg.student
+        return s.arch + ("(" + ", ".join(f"{k}={v}" for k, v in sorted(s.kwargs.items())) + ")"
+                         if s.kwargs else "")
+
     def __call__(self, it: int, j: int, g: torch.Generator, dev: torch.device) -> Sample:
         """Sample ``j`` of iteration ``it``; draws its start from ``g`` (before the minibatches)."""
-        ef = self._expert_for(it * self.ctx.cfg.distill.samples_per_iteration + j)
+        ef = self._expert_for(it // self.turns * self.ctx.cfg.distill.samples_per_iteration + j)
         s = int(torch.randint(*self.windows(it), (1,), generator=g))
         theta0, theta_target = (t.to(dev) for t in ef.params(s, s + self.span))
         return Sample(theta0, theta_target, s)
