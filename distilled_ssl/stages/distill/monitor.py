@@ -55,7 +55,7 @@ class SnapshotScorer:
     def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
         """The mean of each metric over ``distill.eval_seeds`` encoder inits (the same every time)."""
         seeds = range(self.first_seed, self.first_seed + self.ctx.cfg.distill.eval_seeds)
-        runs = [self._one(images, targets, lr, seed) for seed in seeds]
+        runs = [self.score_seed(images, targets, lr, seed) for seed in seeds]
         return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
     def unseen_seeds(self) -> SnapshotScorer:
@@ -64,8 +64,10 @@ class SnapshotScorer:
         would favour the lr the curve was scored at."""
         return replace(self, first_seed=self.first_seed + self.ctx.cfg.distill.eval_seeds)
 
-    def _one(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor, seed: int
-             ) -> dict[str, float]:
+    def score_seed(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor | float,
+                   seed: int, epochs: int | None = None) -> dict[str, float]:
+        """One encoder seed's scores: the encoder pre-trained for ``epochs`` (default
+        ``eval.epochs``) at ``lr`` from the init of ``seed``; -inf where the pre-training diverges."""
         cfg, data = self.ctx.cfg, self.ctx.train_set
         model_cfg = cfg.eval.model or cfg.student
         c, h, _ = data.shape
@@ -75,7 +77,7 @@ class SnapshotScorer:
         tags = ("distill", "monitor") if seed == 0 else ("distill", "monitor", seed)
         try:
             model = pretrain_kd(model_cfg.arch, model_cfg.kwargs, pset, in_channels=c, image_size=h,
-                                target_dim=targets.shape[1], epochs=cfg.eval.epochs,
+                                target_dim=targets.shape[1], epochs=epochs or cfg.eval.epochs,
                                 batch_size=cfg.eval.batch_size, seed=self.ctx.seed_for(*tags), device=dev,
                                 precise_bn=cfg.eval.precise_bn)
         except DivergenceError:

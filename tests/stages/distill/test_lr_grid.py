@@ -104,7 +104,7 @@ def test_lrs_are_compared_on_encoder_seeds_the_curve_did_not_use(tiny_cfg: RunCo
     scorer = build_scorer(ctx)
     snapshot = state["best.images"], state["best.targets"], state["best.lr"]
     assert kept["fidelity_r2"] == pytest.approx(scorer(*snapshot)["fidelity_r2"], abs=1e-6)
-    fresh = scorer._one(*snapshot, 1)
+    fresh = scorer.score_seed(*snapshot, 1)
     assert at_learned["fidelity_r2"] == pytest.approx(fresh["fidelity_r2"], abs=1e-5)
     assert at_learned["fidelity_r2"] != pytest.approx(kept["fidelity_r2"], abs=1e-5)
     ctx.cfg.distill.eval_seeds = 2

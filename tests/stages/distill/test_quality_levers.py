@@ -215,10 +215,13 @@ def test_eval_seeds_average_scores_over_encoder_inits(tiny_cfg: RunConfig, tmp_p
     scorer = build_scorer(ctx)
     three = scorer(images, targets, torch.tensor(0.1))
     assert three == scorer(images, targets, torch.tensor(0.1))  # the same inits every time
-    runs = [scorer._one(images, targets, torch.tensor(0.1), seed) for seed in range(3)]
+    runs = [scorer.score_seed(images, targets, torch.tensor(0.1), seed) for seed in range(3)]
     assert runs[0] == one  # seed 0 is the one-seed score
     assert three["fidelity_r2"] == pytest.approx(sum(r["fidelity_r2"] for r in runs) / 3)
     assert len({r["fidelity_r2"] for r in runs}) == 3
+    # a score after a longer pre-training (benchmarks/screen.py --epochs): the default is eval.epochs
+    assert scorer.score_seed(images, targets, 0.1, 1, epochs=ctx.cfg.eval.epochs) == runs[1]
+    assert scorer.score_seed(images, targets, 0.1, 1, epochs=3 * ctx.cfg.eval.epochs) != runs[1]
 
 
 class _ScriptedScorer:
