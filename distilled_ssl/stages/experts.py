@@ -116,6 +116,8 @@ def student_views(ctx: RunContext) -> list[RunContext]:
     view per ``experts.extra_students`` entry, whose ``cfg.student`` is that architecture and
     whose experts live in their own folder. Views share the run's loaded source images."""
     views = [ctx]
+    if ctx.cfg.experts.extra_students:
+        _ = ctx.train_set  # loaded once, before the copies take the cached split
     for model in ctx.cfg.experts.extra_students:
         view = copy.copy(ctx)  # the cached source split is shared, not loaded again
         view.cfg = dataclasses.replace(ctx.cfg, student=model)

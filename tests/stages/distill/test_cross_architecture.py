@@ -52,6 +52,7 @@ def test_a_run_trains_and_matches_both_architectures(tiny_cfg: RunConfig, tmp_pa
 
     # stage 3 trained the student's experts where they always were, the ResNet's in their own folder
     student, resnet = student_views(cross)
+    assert resnet.train_set is student.train_set  # one copy of the source in memory
     assert resnet.cfg.student.arch == "resnet10" and resnet.experts_dir == "experts-resnet10_width0.0625"
     ours, theirs = list_experts(student), list_experts(resnet)
     assert [e.path.parent.name for e in ours] == ["experts"] * 2
