@@ -12,6 +12,7 @@ from distilled_ssl.config import ConfigError, ModelConfig, RunConfig
 from distilled_ssl.errors import ArtifactError
 from distilled_ssl.io import load_tensors, read_metadata
 from distilled_ssl.pipeline import prepare_run, run_pipeline
+from distilled_ssl.stages.context import RunContext
 from distilled_ssl.stages.distill import mkdt
 from distilled_ssl.stages.distill.common import distill_fingerprint
 from distilled_ssl.stages.experts import experts_fingerprint, list_experts, student_views
@@ -52,7 +53,8 @@ def test_a_run_trains_and_matches_both_architectures(tiny_cfg: RunConfig, tmp_pa
 
     # stage 3 trained the student's experts where they always were, the ResNet's in their own folder
     student, resnet = student_views(cross)
-    assert resnet.train_set is student.train_set  # one copy of the source in memory
+    first, second = student_views(RunContext(cross.cfg, cross.run_dir, progress=False))
+    assert first.train_set is second.train_set  # one copy of the source in memory
     assert resnet.cfg.student.arch == "resnet10" and resnet.experts_dir == "experts-resnet10_width0.0625"
     ours, theirs = list_experts(student), list_experts(resnet)
     assert [e.path.parent.name for e in ours] == ["experts"] * 2
