@@ -78,9 +78,9 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     reps = load_targets(ctx)
     k = len(index)
     fidelity = d.method == "fidelity"
-    # the student, then (experts.extra_students) each other architecture: iteration it matches
-    # the experts of architecture it mod A
-    views = [ctx] if fidelity else student_views(ctx)
+    # the student, then (experts.extra_students, mkdt only) each other architecture: iteration it
+    # matches the experts of architecture it mod A
+    views = student_views(ctx)
     flats: list[FlatParams] = []
     for view in views:
         with seeded(ctx.seed_for("distill", "structure")):  # its weights are never used
