@@ -99,8 +99,8 @@ def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tenso
               candidates: Sequence[float], metric: str = KEEP_METRIC,
               log: Callable[[str], None] | None = None) -> tuple[float, list[dict[str, float]]]:
     """The candidate lr whose pre-training scores highest on ``metric`` (the first on a tie), and
-    every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order, rounded
-    to 6 decimals as stored in metadata and results). The runs use the scorer's
+    every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order, the
+    scores rounded to 6 decimals as stored in metadata and results). The runs use the scorer's
     :meth:`~SnapshotScorer.unseen_seeds`, never the encoder seeds of the validation curve."""
     scorer = scorer.unseen_seeds()
     scores: list[dict[str, float]] = []
@@ -115,7 +115,8 @@ def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tenso
     if not scores:
         raise ConfigError("choosing an lr needs at least one candidate")
     best = max(scores, key=lambda p: p[metric])  # max keeps the first of equal scores
-    return best["lr"], [{k: round(v, 6) for k, v in p.items()} for p in scores]
+    # scores to 6 decimals; each lr as it is (a learned lr at its 1e-8 floor would round to 0)
+    return best["lr"], [{k: v if k == "lr" else round(v, 6) for k, v in p.items()} for p in scores]
 
 
 def build_scorer(ctx: RunContext) -> SnapshotScorer:
