@@ -35,30 +35,35 @@ import time
 import torch
 
 # name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc,
-#          image gradients, compiled steps, inner momentum). Rows without image gradients do less work
-#          than the reference (they are what targets-only distillation, ``distill.lr_img: 0``, runs),
-#          and say so. Compiled rows (``distill.compile: true``) pay the compile in their warm-up call,
-#          reported apart. Heavy-ball rows (``distill.inner_momentum``) run another inner loop than the
-#          reference's plain SGD: compare them with their plain twins.
-VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool, float]] = {
-    "reference": ("unrolled", "fp32", "0", True, False, True, False, 0.0),
-    "unrolled": ("unrolled", "fp32", "0", False, False, True, False, 0.0),
-    "adjoint": ("adjoint", "fp32", "0", False, False, True, False, 0.0),
-    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True, False, 0.0),
-    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True, False, 0.0),
-    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True, False, 0.0),
-    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True, False, 0.0),
-    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True, False, 0.0),
-    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True, False, 0.0),
-    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False, False, 0.0),
-    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False, 0.0),
-    "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True, 0.0),
-    "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True, 0.0),
-    "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True, 0.0),
-    "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True, 0.0),
-    "adjoint heavy-ball": ("adjoint", "fp32", "0", False, False, True, False, 0.9),
+#          image gradients, compiled steps, inner momentum, CUDA graphs). Rows without image
+#          gradients do less work than the reference (they are what targets-only distillation,
+#          ``distill.lr_img: 0``, runs), and say so. Compiled rows (``distill.compile: true``) pay the
+#          compile in their warm-up call, reported apart; "graphs" rows replay them as CUDA graphs
+#          (``distill.cuda_graphs``, CUDA only). Heavy-ball rows (``distill.inner_momentum``) run
+#          another inner loop than the reference's plain SGD: compare them with their plain twins.
+VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool, float, bool]] = {
+    "reference": ("unrolled", "fp32", "0", True, False, True, False, 0.0, False),
+    "unrolled": ("unrolled", "fp32", "0", False, False, True, False, 0.0, False),
+    "adjoint": ("adjoint", "fp32", "0", False, False, True, False, 0.0, False),
+    "adjoint keep all": ("adjoint", "fp32", "all", False, False, True, False, 0.0, False),
+    "adjoint keep half": ("adjoint", "fp32", "half", False, False, True, False, 0.0, False),
+    "adjoint bf16": ("adjoint", "bf16", "0", False, False, True, False, 0.0, False),
+    "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True, False, 0.0, False),
+    "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True, False, 0.0, False),
+    "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True, False, 0.0, False),
+    "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False, False, 0.0, False),
+    "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False, 0.0, False),
+    "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True, 0.0, False),
+    "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True, 0.0, False),
+    "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True, 0.0, False),
+    "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True, 0.0, False),
+    "adjoint heavy-ball": ("adjoint", "fp32", "0", False, False, True, False, 0.9, False),
     "adjoint bf16 compiled, targets only, heavy-ball":
-        ("adjoint", "bf16", "0", False, False, False, True, 0.9),
+        ("adjoint", "bf16", "0", False, False, False, True, 0.9, False),
+    "adjoint compiled, graphs": ("adjoint", "fp32", "0", False, False, True, True, 0.0, True),
+    "adjoint bf16 compiled, graphs": ("adjoint", "bf16", "0", False, False, True, True, 0.0, True),
+    "adjoint compiled, targets only, graphs":
+        ("adjoint", "fp32", "0", False, False, False, True, 0.0, True),
 }
 DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep all", "adjoint bf16", "adjoint compiled",
            "adjoint bf16 compiled"]
@@ -109,7 +114,7 @@ def cell(args: argparse.Namespace) -> dict:
     from distilled_ssl.stages.distill.compiled import CompiledSteps
     from distilled_ssl.stages.distill.matching import minibatches
 
-    mode, precision, keep, native, _, image_grads, compiled, momentum = VARIANTS[args.variant]
+    mode, precision, keep, native, _, image_grads, compiled, momentum, graphs = VARIANTS[args.variant]
     torch.set_num_threads(args.threads)
     _model, flat, theta0, target, images, reps = _setup(args, native)
     lr = torch.tensor(0.1, device=args.device)
@@ -118,7 +123,7 @@ def cell(args: argparse.Namespace) -> dict:
     if momentum:
         kw["momentum"] = momentum
     if compiled:
-        kw["steps"] = CompiledSteps(flat, precision=precision, image_grads=image_grads)
+        kw["steps"] = CompiledSteps(flat, precision=precision, image_grads=image_grads, cuda_graphs=graphs)
     times, first, warmup = [], None, 0.0
     for rep in range(args.repeats + 1):
         batches = [b.to(args.device) for b in
@@ -188,9 +193,15 @@ def main() -> None:
     rows = []
     for steps in args.steps:
         for variant in args.variants:
-            if in_process:
+            if in_process:  # one failing row (a kernel the device refuses) leaves the others
                 args.variant, args.syn_steps = variant, steps
-                r = cell(args)
+                try:
+                    r = cell(args)
+                except Exception as exc:  # reported in the table instead
+                    msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
+                    print(f"  {variant:30s} syn_steps={steps:3d}: failed: {msg}", file=sys.stderr, flush=True)
+                    rows.append({"variant": variant, "syn_steps": steps, "failed": msg})
+                    continue
             else:
                 env = dict(os.environ, **(TUNED_MALLOC if VARIANTS[variant][4] else {}))
                 cmd = [sys.executable, __file__, *base, "--cell", variant, str(steps)]
@@ -200,8 +211,9 @@ def main() -> None:
             rows.append(r)
             print(f"  {variant:30s} syn_steps={steps:3d}: {r['seconds']:.3f} s/it, " + _memory(r, in_process)
                   + " MiB", file=sys.stderr, flush=True)
-    ref = {r["syn_steps"]: r["seconds"] for r in rows if r["variant"] == "reference"}
-    head = (f"ConvNet depth {args.depth} width {args.width} ({args.norm} norm), {rows[0]['parameters']:,} "
+    ref = {r["syn_steps"]: r["seconds"] for r in rows if r["variant"] == "reference" and "failed" not in r}
+    params = next((r["parameters"] for r in rows if "parameters" in r), 0)
+    head = (f"ConvNet depth {args.depth} width {args.width} ({args.norm} norm), {params:,} "
             f"parameters; {args.images} synthetic {args.channels}x{args.size}x{args.size} images, batch_syn "
             f"{args.batch}, {args.target_dim}-d targets; {args.threads} threads, {args.device}; torch "
             f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
@@ -213,7 +225,11 @@ def main() -> None:
              f"reference | {peak} (MiB) | grad cosine vs fp32 eager (images / targets) | first call (s) |",
              "|---|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        mode, precision, keep, _, _, _, _, _ = VARIANTS[r["variant"]]
+        mode, precision, keep, *_ = VARIANTS[r["variant"]]
+        if "failed" in r:
+            lines.append(f"| {r['variant']} | {mode} | {precision} | - | {r['syn_steps']} | failed: "
+                         f"{r['failed'].replace('|', '/')} | - | - | - | - |")
+            continue
         mem = _memory(r, in_process)
         speed = f"{ref[r['syn_steps']] / r['seconds']:.2f}x" if r["syn_steps"] in ref else "-"
         cos = (" / ".join(f"{r['cosine'][n]:.4f}" if n in r["cosine"] else "-"

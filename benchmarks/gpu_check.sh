@@ -1,10 +1,12 @@
 #!/bin/bash
 # The GPU checks of the open issues in one bounded script, in order of importance:
 #   0. the CUDA-only tests (tests/test_cuda.py, the instance norm's);
-#   1. the gpu-fmnist-2pct preset end to end, evaluated (resumes where an earlier call stopped);
-#   2. a variant of the preset on the same experts (VARIANT: extra --set options; "" skips it);
-#   3. the matching-step table on CUDA (benchmarks/distill_step.py, the issue's GPU shapes);
-#   4. matching iterations/s at K = 1, 4, 8 on one device (benchmarks/scaling.py --samples).
+#   1. the matching-step table on CUDA (benchmarks/distill_step.py, the issue's GPU shapes; compiled
+#      rows with and without CUDA graphs);
+#   2. matching iterations/s at K = 1, 4, 8 on one device (benchmarks/scaling.py --samples);
+#   3. the gpu-fmnist-2pct preset end to end, evaluated (resumes where an earlier call stopped; EXTRA:
+#      extra --set options for it);
+#   4. a variant of the preset on the same experts (VARIANT: extra --set options; "" skips it).
 # Each part gets what is left of BUDGET seconds and is skipped when too little is left; a second call
 # on the same machine carries on (the run directory and the done-markers live under runs/).
 #
@@ -54,46 +56,18 @@ if [ ! -f runs/done_tests ]; then
   note "cuda tests: $(tail -1 "$OUT/cuda_tests.log")"
 fi
 
-# 1. the preset
-if [ ! -f "$RUN/results.md" ]; then
-  note "pipeline start"
-  timeout -s INT -k 20 $(( $(left) - 25 )) python3 -m distilled_ssl.cli run --preset gpu-fmnist-2pct \
-    --device "$DEV" --out "$RUN" --set "source.root=$ROOT/.gpu/data" ${EXTRA:-} >> "$OUT/pipeline.log" 2>&1
-  note "pipeline rc=$?"
-fi
-tar czf "$OUT/run.tgz" --exclude=experts --exclude=teacher.safetensors --exclude=targets.safetensors \
-  "$RUN" 2>/dev/null
-
-# 2. a variant of the preset on the same experts (VARIANT="" skips it). Default: the lr started where
-#    the ResNet evaluation encoder wants it and learned slowly (stop 14: the H200 set's learned lr,
-#    0.17, cost about half of its gap to the CPU preset on validation).
-VARIANT=${VARIANT-"--set distill.lr_init=0.25 --set distill.lr_lr=1e-4"}
-if [ -n "$VARIANT" ] && [ -f "$RUN/results.md" ] && [ ! -f "${RUN}_variant/results.md" ] \
-    && [ "$(left)" -gt "${VARIANT_NEEDS:-240}" ]; then
-  note "variant start: $VARIANT"
-  mkdir -p "${RUN}_variant"
-  for f in teacher.safetensors targets.safetensors init.safetensors experts; do
-    [ -e "${RUN}_variant/$f" ] || cp -al "$RUN/$f" "${RUN}_variant/$f"
-  done
-  timeout -s INT -k 20 $(( $(left) - 25 )) python3 -m distilled_ssl.cli run --preset gpu-fmnist-2pct \
-    --device "$DEV" --out "${RUN}_variant" --set "source.root=$ROOT/.gpu/data" ${EXTRA:-} $VARIANT \
-    --set "eval.baselines=[none]" >> "$OUT/pipeline.log" 2>&1
-  note "variant rc=$?"
-  tar czf "$OUT/run.tgz" --exclude=experts --exclude=teacher.safetensors --exclude=targets.safetensors \
-    "$RUN" "${RUN}_variant" 2>/dev/null
-fi
-
-# 3. the matching step, side by side (one process on CUDA)
+# 1. the matching step, side by side (one process on CUDA)
 if [ ! -f runs/done_step ] && [ "$(left)" -gt "${STEP_NEEDS:-120}" ]; then
   note "distill_step start"
   timeout -s INT -k 10 $(( $(left) - 15 )) python3 benchmarks/distill_step.py --device "$DEV" \
-    ${STEP_ARGS:---width 128 --batch 256 --steps 20 40 --repeats 2} --variants reference adjoint \
-    "adjoint keep all" "adjoint bf16" "adjoint compiled" "adjoint bf16 compiled" \
+    ${STEP_ARGS:---width 128 --batch 256 --steps 20 40 --repeats 2} --variants ${STEP_VARIANTS:-reference \
+    "adjoint compiled" "adjoint compiled, graphs" "adjoint bf16 compiled, graphs" \
+    "adjoint compiled, targets only" "adjoint compiled, targets only, graphs"} \
     --out "$OUT/distill_step.md" >> "$OUT/bench.log" 2>&1 && touch runs/done_step
   note "distill_step done ($(ls runs/done_step 2>/dev/null))"
 fi
 
-# 4. K samples per iteration on one device
+# 2. K samples per iteration on one device
 if [ ! -f runs/done_scaling ] && [ "$(left)" -gt "${SCALING_NEEDS:-90}" ]; then
   note "scaling start"
   timeout -s INT -k 10 $(( $(left) - 10 )) python3 benchmarks/scaling.py --device "$DEV" \
@@ -102,4 +76,34 @@ if [ ! -f runs/done_scaling ] && [ "$(left)" -gt "${SCALING_NEEDS:-90}" ]; then
     && touch runs/done_scaling
   note "scaling done ($(ls runs/done_scaling 2>/dev/null))"
 fi
+
+# 3. the preset (EXTRA: its extra --set options; default: the compiled matching step, the same numbers
+#    up to float rounding, 1.7x the eager walk on an H200 at stop 14)
+EXTRA=${EXTRA-"--set distill.compile=true"}
+if [ ! -f "$RUN/results.md" ]; then
+  note "pipeline start"
+  timeout -s INT -k 20 $(( $(left) - 25 )) python3 -m distilled_ssl.cli run --preset gpu-fmnist-2pct \
+    --device "$DEV" --out "$RUN" --set "source.root=$ROOT/.gpu/data" $EXTRA >> "$OUT/pipeline.log" 2>&1
+  note "pipeline rc=$?"
+fi
+tar czf "$OUT/run.tgz" --exclude=experts --exclude=teacher.safetensors --exclude=targets.safetensors \
+  "$RUN" 2>/dev/null
+
+# 4. a variant of the preset on the same experts (VARIANT: its --set options; unset or "" skips it)
+VARIANT=${VARIANT:-}
+if [ -n "$VARIANT" ] && [ -f "$RUN/results.md" ] && [ ! -f "${RUN}_variant/results.md" ] \
+    && [ "$(left)" -gt "${VARIANT_NEEDS:-240}" ]; then
+  note "variant start: $VARIANT"
+  mkdir -p "${RUN}_variant"
+  for f in teacher.safetensors targets.safetensors init.safetensors experts; do
+    [ -e "${RUN}_variant/$f" ] || cp -al "$RUN/$f" "${RUN}_variant/$f"
+  done
+  timeout -s INT -k 20 $(( $(left) - 25 )) python3 -m distilled_ssl.cli run --preset gpu-fmnist-2pct \
+    --device "$DEV" --out "${RUN}_variant" --set "source.root=$ROOT/.gpu/data" $EXTRA $VARIANT \
+    --set "eval.baselines=[none]" >> "$OUT/pipeline.log" 2>&1
+  note "variant rc=$?"
+  tar czf "$OUT/run.tgz" --exclude=experts --exclude=teacher.safetensors --exclude=targets.safetensors \
+    "$RUN" "${RUN}_variant" 2>/dev/null
+fi
+
 note "end"

@@ -24,9 +24,10 @@ import time
 from pathlib import Path
 
 # The demo's recipe, cut to a few minutes: 4 experts and 12 matching iterations of K = 2 samples
-# (so that two ranks split every iteration), no validation scores.
+# (so that two ranks split every iteration), no validation scores and no lr choice after matching.
 DEFAULT_SETS = ["experts.num_experts=4", "distill.iterations=12", "distill.samples_per_iteration=2",
-                "distill.eval_every=0", "distill.keep=last", "distill.patience=0", "distill.log_every=4"]
+                "distill.eval_every=0", "distill.eval_lr=0", "distill.keep=last", "distill.patience=0",
+                "distill.lr_grid=[]", "distill.log_every=4"]
 STAGE_LINE = re.compile(r"stage (\w+) done in ([0-9.]+) s")
 
 

@@ -182,6 +182,8 @@ class DistillConfig:
     # forward sweep instead of recomputing them (memory for time; same result)
     compile: bool = False  # adjoint mode: each inner step's computations as torch.compile graphs
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
+    cuda_graphs: bool = False  # with compile, on CUDA: replay each compiled step as a CUDA graph
+    # (torch.compile mode "reduce-overhead": no per-kernel launch cost; same numbers)
     real_batch: int = 512  # method fidelity: real training images each inner training is scored on
     inner_momentum: float = 0.0  # the inner steps as heavy-ball SGD with this momentum (the evaluation
     # trains with 0.9); 0 = plain SGD, the paper's inner loop. Exact gradients in every mode
@@ -343,6 +345,12 @@ class RunConfig:
         _non_negative(self, "distill.keep_graphs")
         if self.distill.compile and self.distill.mode != "adjoint":
             raise ConfigError("distill.compile needs distill.mode=adjoint")
+        if self.distill.cuda_graphs and not self.distill.compile:
+            raise ConfigError("distill.cuda_graphs needs distill.compile=true (it replays the compiled "
+                              "steps)")
+        if self.distill.cuda_graphs and not self.device.startswith("cuda"):
+            raise ConfigError("distill.cuda_graphs needs a CUDA device (set device=cuda, or "
+                              "distill.cuda_graphs=false)")
         if self.distill.compile and self.distill.keep_graphs:
             raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
                               "walk recomputes every step); set one of them")
@@ -525,7 +533,8 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.clamp": False, "distill.smooth": 0.0, "distill.image_optimizer": "sgd",
     "distill.targets_anchor": 0.0, "distill.eval_every": 0, "distill.keep": "last",
     "distill.samples_per_iteration": 1, "distill.eval_seeds": 1, "distill.precision": "fp32",
-    "distill.keep_graphs": 0, "distill.compile": False, "distill.keep_metric": "fidelity_r2",
+    "distill.keep_graphs": 0, "distill.compile": False, "distill.cuda_graphs": False,
+    "distill.keep_metric": "fidelity_r2",
     "distill.patience": 0, "distill.lr_grid": [], "eval.lr_grid": [0.1, 0.2, 0.35, 0.5, 0.7, 1.0],
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0, "distill.eval_lr": 0.0, "distill.real_batch": 512,

@@ -55,3 +55,16 @@ def test_compiled_walk_agrees_with_the_eager_one(precision: str) -> None:
         a, b = getattr(fast, name), getattr(eager, name)
         cos = torch.nn.functional.cosine_similarity(a.flatten(), b.flatten(), dim=0)
         assert cos > (0.999 if precision == "fp32" else 0.99)  # fp32: cuDNN may use TF32
+
+
+@pytest.mark.parametrize("image_grads", [True, False])
+def test_cuda_graph_replayed_walk_equals_the_compiled_one(image_grads: bool) -> None:
+    args = _problem()
+    plain = match_adjoint(*args, image_grads=image_grads,
+                          steps=CompiledSteps(args[0], image_grads=image_grads))
+    graphs = CompiledSteps(args[0], image_grads=image_grads, cuda_graphs=True)
+    for _ in range(3):  # warm-up, recording, replays
+        replayed = match_adjoint(*args, image_grads=image_grads, steps=graphs)
+    names = ("grad_images", "grad_targets", "grad_lr") if image_grads else ("grad_targets", "grad_lr")
+    for name in names:
+        torch.testing.assert_close(getattr(replayed, name), getattr(plain, name), rtol=1e-4, atol=1e-6)

@@ -14,6 +14,11 @@ over a reshaped view): the compiler derives and fuses them itself. Batch-norm la
 statistics, as the eager walk does in train mode, without updating running statistics (which an inner
 step never reads).
 
+``distill.cuda_graphs: true`` (CUDA only) compiles them in TorchInductor's "reduce-overhead" mode:
+each step is replayed as one CUDA graph, without a launch per kernel. A graph's outputs live in
+buffers that its next replay overwrites, so each call starts a new "step" for the graph trees and
+copies the outputs out (a few MB a step, next to the step's own work).
+
 Compiling takes a while the first time (a minute or two on a CPU core; TorchInductor caches the result
 on disk) and needs a C++ compiler on CPU.
 """
@@ -77,10 +82,16 @@ class CompiledSteps:
 
     ``g`` is the step's gradient of the KD loss at ``theta``; ``H`` its Hessian; ``J_x`` / ``J_y`` the
     Jacobians of ``g`` with respect to the batch's images and target reps (``J_x`` only with
-    ``image_grads``). ``precision`` is that of :func:`~.matching.autocast`.
+    ``image_grads``). ``precision`` is that of :func:`~.matching.autocast`; ``cuda_graphs`` replays
+    each computation as a CUDA graph (the student must be on a CUDA device).
     """
 
-    def __init__(self, flat: FlatParams, *, precision: str = "fp32", image_grads: bool = True) -> None:
+    def __init__(self, flat: FlatParams, *, precision: str = "fp32", image_grads: bool = True,
+                 cuda_graphs: bool = False) -> None:
+        device = next(flat.model.parameters()).device
+        if cuda_graphs and device.type != "cuda":
+            raise ConfigError(f"distill.cuda_graphs needs a CUDA device (the student is on {device}); set "
+                              "distill.cuda_graphs=false")
         model = plain_student(flat.model)
         names, shapes, numels = flat.names, flat.shapes, flat.numels  # the copy keeps them all
 
@@ -108,9 +119,10 @@ class CompiledSteps:
             return (g * adj).sum(), hv, jy
 
         self.image_grads = image_grads
-        self._forward = _guarded(torch.compile(forward, dynamic=False))
-        self._gradient = _guarded(torch.compile(step_grad, dynamic=False))
-        self._reverse = _guarded(torch.compile(reverse, dynamic=False))
+        mode = "reduce-overhead" if cuda_graphs else None
+        self._forward = _guarded(torch.compile(forward, dynamic=False, mode=mode), cuda_graphs)
+        self._gradient = _guarded(torch.compile(step_grad, dynamic=False, mode=mode), cuda_graphs)
+        self._reverse = _guarded(torch.compile(reverse, dynamic=False, mode=mode), cuda_graphs)
 
     def forward(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor
                 ) -> torch.Tensor:
@@ -139,15 +151,21 @@ class _NoCudaNotice(logging.Filter):
         return "No CUDA runtime is found" not in record.getMessage()
 
 
-def _guarded(fn: Callable[..., Any]) -> Callable[..., Any]:
+def _guarded(fn: Callable[..., Any], graphs: bool = False) -> Callable[..., Any]:
     """``fn`` with a compiler failure turned into a one-line ConfigError that says what to do (and
-    without the build's CUDA notice on CPU)."""
+    without the build's CUDA notice on CPU). With ``graphs`` (a CUDA-graph-replayed ``fn``) each call
+    is a new step of the graph trees and returns copies of the outputs, which the next replay would
+    overwrite."""
     build_log, quiet = logging.getLogger("torch.utils.cpp_extension"), _NoCudaNotice()
 
     def call(*args: Any) -> Any:
         build_log.addFilter(quiet)
         try:
-            return fn(*args)
+            if not graphs:
+                return fn(*args)
+            torch.compiler.cudagraph_mark_step_begin()
+            out = fn(*args)
+            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
         except Exception as exc:
             if _from_the_compiler(exc):
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -107,7 +107,8 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                         "of the number of ranks", d.samples_per_iteration, world_size(),
                         world_size() - d.samples_per_iteration % world_size())
     matcher = MATCHERS[d.mode]
-    steps = [CompiledSteps(flat, precision=d.precision, image_grads=d.lr_img > 0) if d.compile else None
+    steps = [CompiledSteps(flat, precision=d.precision, image_grads=d.lr_img > 0,
+                           cuda_graphs=d.cuda_graphs) if d.compile else None
              for flat in flats]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
     adam = {"images"} if d.image_optimizer == "adam" else set()

@@ -82,6 +82,39 @@ def test_compile_with_unrolled_or_kept_graphs_is_refused() -> None:
         cfg.override(["distill.compile=true", "distill.keep_graphs=3"]).validate()
 
 
+def test_cuda_graphs_need_compiled_steps_on_a_cuda_device() -> None:
+    cfg = load_preset("smoke")
+    with pytest.raises(ConfigError, match="needs distill.compile=true"):
+        cfg.override(["distill.cuda_graphs=true"]).validate()
+    with pytest.raises(ConfigError, match="needs a CUDA device"):
+        cfg.override(["distill.compile=true", "distill.cuda_graphs=true", "device=cpu"]).validate()
+    cfg.override(["distill.compile=true", "distill.cuda_graphs=true", "device=cuda"]).validate()
+    with pytest.raises(ConfigError, match="needs a CUDA device .* on cpu"):
+        CompiledSteps(_problem("instance", torch.float32)[0], cuda_graphs=True)
+
+
+def test_graph_replayed_steps_mark_a_step_and_hand_out_copies(monkeypatch) -> None:
+    """A CUDA graph's outputs are overwritten by its next replay: each call marks a new step of the
+    graph trees and returns copies, so the walk's stored parameters survive the next step."""
+    marks: list[int] = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    static = torch.zeros(3), torch.ones(2)  # the graph's output buffers
+
+    def replay(v: float) -> tuple[torch.Tensor, torch.Tensor]:
+        static[0].fill_(v)
+        return static
+
+    call = _guarded(replay, graphs=True)
+    first = call(1.0)
+    second = call(2.0)
+    assert marks == [1, 1]
+    assert first[0].tolist() == [1.0] * 3 and second[0].tolist() == [2.0] * 3
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, static))
+    single = _guarded(lambda: static[1], graphs=True)()
+    assert single.data_ptr() != static[1].data_ptr() and len(marks) == 3
+    assert _guarded(lambda: static[1])() is static[1]  # without graphs: no copy, no step
+
+
 def test_a_compiler_failure_is_one_line_that_says_what_to_do() -> None:
     from torch._dynamo.exc import InternalTorchDynamoError
 
@@ -154,5 +187,5 @@ def test_the_stage_hands_compiled_steps_to_the_matcher(tiny_cfg, tmp_path, monke
     ctx = prepare_run(tiny_cfg.override(["distill.iterations=2", "distill.compile=true",
                                          "distill.precision=bf16"]), tmp_path / "run", progress=False)
     run_pipeline(ctx, stages=["teacher", "targets", "experts", "init", "distill"])
-    assert made == [{"precision": "bf16", "image_grads": ctx.cfg.distill.lr_img > 0}]
+    assert made == [{"precision": "bf16", "image_grads": ctx.cfg.distill.lr_img > 0, "cuda_graphs": False}]
     assert len(seen) == 2 and all(isinstance(s, Spy) for s in seen)
