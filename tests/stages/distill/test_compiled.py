@@ -109,7 +109,7 @@ def test_graph_replayed_steps_mark_a_step_and_hand_out_copies(monkeypatch) -> No
     second = call(2.0)
     assert marks == [1, 1]
     assert first[0].tolist() == [1.0] * 3 and second[0].tolist() == [2.0] * 3
-    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, static))
+    assert all(a.data_ptr() != b.data_ptr() for a, b in zip(first, static, strict=True))
     single = _guarded(lambda: static[1], graphs=True)()
     assert single.data_ptr() != static[1].data_ptr() and len(marks) == 3
     assert _guarded(lambda: static[1])() is static[1]  # without graphs: no copy, no step
