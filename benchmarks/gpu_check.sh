@@ -61,8 +61,7 @@ if [ ! -f runs/done_step ] && [ "$(left)" -gt "${STEP_NEEDS:-120}" ]; then
   note "distill_step start"
   timeout -s INT -k 10 $(( $(left) - 15 )) python3 benchmarks/distill_step.py --device "$DEV" \
     ${STEP_ARGS:---width 128 --batch 256 --steps 20 40 --repeats 2} --variants ${STEP_VARIANTS:-reference \
-    "adjoint compiled" "adjoint compiled, graphs" "adjoint bf16 compiled, graphs" \
-    "adjoint compiled, targets only" "adjoint compiled, targets only, graphs"} \
+    "adjoint compiled" "adjoint compiled, graphs" "adjoint bf16 compiled, graphs"} \
     --out "$OUT/distill_step.md" >> "$OUT/bench.log" 2>&1 && touch runs/done_step
   note "distill_step done ($(ls runs/done_step 2>/dev/null))"
 fi
