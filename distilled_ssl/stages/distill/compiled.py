@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -152,20 +153,27 @@ class _NoCudaNotice(logging.Filter):
 
 
 def _guarded(fn: Callable[..., Any], graphs: bool = False) -> Callable[..., Any]:
-    """``fn`` with a compiler failure turned into a one-line ConfigError that says what to do (and
-    without the build's CUDA notice on CPU). With ``graphs`` (a CUDA-graph-replayed ``fn``) each call
-    is a new step of the graph trees and returns copies of the outputs, which the next replay would
-    overwrite."""
+    """``fn`` with a compiler failure turned into a one-line ConfigError that says what to do, and
+    without two notices of the compiler's: the C++ build's "No CUDA runtime" on CPU, and
+    TorchInductor's advice on CUDA to run float32 matrix products in TF32 (the fp32 walk stays exact;
+    a user may still call ``torch.set_float32_matmul_precision`` in their own process). With
+    ``graphs`` (a CUDA-graph-replayed ``fn``) each call is a new step of the graph trees and returns
+    copies of the outputs, which the next replay would overwrite."""
     build_log, quiet = logging.getLogger("torch.utils.cpp_extension"), _NoCudaNotice()
+
+    def run(*args: Any) -> Any:
+        if not graphs:
+            return fn(*args)
+        torch.compiler.cudagraph_mark_step_begin()
+        out = fn(*args)
+        return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
     def call(*args: Any) -> Any:
         build_log.addFilter(quiet)
         try:
-            if not graphs:
-                return fn(*args)
-            torch.compiler.cudagraph_mark_step_begin()
-            out = fn(*args)
-            return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores", category=UserWarning)
+                return run(*args)
         except Exception as exc:
             if _from_the_compiler(exc):
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__

@@ -93,6 +93,23 @@ def test_cuda_graphs_need_compiled_steps_on_a_cuda_device() -> None:
         CompiledSteps(_problem("instance", torch.float32)[0], cuda_graphs=True)
 
 
+def test_the_compiler_s_tf32_advice_is_dropped_and_nothing_else() -> None:
+    """On CUDA, TorchInductor advises every compiling process to run float32 matrix products in TF32;
+    the walk keeps fp32 exact, so the compiled steps drop that advice, and only it."""
+    import warnings
+
+    def compile_and_run() -> int:
+        warnings.warn("TensorFloat32 tensor cores for float32 matrix multiplication available but not "
+                      "enabled.", UserWarning, stacklevel=1)
+        warnings.warn("a real problem", UserWarning, stacklevel=1)
+        return 3
+
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        assert _guarded(compile_and_run)() == 3
+    assert [str(w.message) for w in seen] == ["a real problem"]
+
+
 def test_graph_replayed_steps_mark_a_step_and_hand_out_copies(monkeypatch) -> None:
     """A CUDA graph's outputs are overwritten by its next replay: each call marks a new step of the
     graph trees and returns copies, so the walk's stored parameters survive the next step."""

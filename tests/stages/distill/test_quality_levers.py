@@ -195,6 +195,9 @@ def test_new_fields_at_their_defaults_keep_old_fingerprints(tiny_cfg: RunConfig,
     assert distill_fingerprint(ctx) == before
     ctx.cfg.distill.keep_graphs = 5  # same result, so the same set
     assert distill_fingerprint(ctx) == before
+    ctx.cfg.distill.keep_graphs = 0
+    ctx.cfg.distill.compile = ctx.cfg.distill.cuda_graphs = True  # same result up to float rounding
+    assert distill_fingerprint(ctx) == before
     ctx.cfg.distill.precision = "bf16"
     assert distill_fingerprint(ctx) != before
     ctx.cfg.distill.precision = "fp32"
