@@ -56,7 +56,7 @@ def main() -> None:
         "last state": (state["images"], state["targets"], float(state["lr"])),
     }
     enc = ctx.cfg.eval.model or ctx.cfg.student
-    label = f"{enc.arch}(" + ",".join(f"{k}={v}" for k, v in sorted(enc.kwargs.items())) + ")"
+    label = enc.label  # as the evaluation names (and seeds) the encoder
     scorer = build_scorer(ctx)
     print(f"| set | monitor ({ctx.cfg.distill.eval_seeds} seed(s)) | protocol ({args.seeds} seeds, "
           f"{len(held):,} images) |\n|---|---|---|")

@@ -44,6 +44,12 @@ class ModelConfig:
     arch: str = "convnet"
     kwargs: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def label(self) -> str:
+        """``'resnet10(width=0.125)'``: the architecture and its kwargs (sorted), as results tables and
+        logs name an encoder; the evaluation also seeds each encoder's init by it."""
+        return f"{self.arch}(" + ",".join(f"{k}={v}" for k, v in sorted(self.kwargs.items())) + ")"
+
 
 @dataclass
 class TeacherInputConfig:

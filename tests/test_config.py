@@ -2,7 +2,7 @@ from pathlib import Path
 
 import pytest
 
-from distilled_ssl.config import ConfigError, RunConfig, list_presets, load_preset
+from distilled_ssl.config import ConfigError, ModelConfig, RunConfig, list_presets, load_preset
 
 
 def test_yaml_round_trip(tmp_path: Path) -> None:
@@ -102,3 +102,9 @@ def test_paper_recipes_hold_the_paper_defaults() -> None:
 def test_unknown_preset_lists_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="smoke"):
         load_preset("nope")
+
+
+def test_a_model_s_label_names_its_arch_and_sorted_kwargs() -> None:
+    """Results tables, logs and the evaluation's per-encoder seeds all use this one spelling."""
+    assert ModelConfig("resnet10", {"width": 0.125, "in_pool": 2}).label == "resnet10(in_pool=2,width=0.125)"
+    assert ModelConfig("convnet").label == "convnet()"

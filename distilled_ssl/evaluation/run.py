@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from ..config import ModelConfig
 from ..data.downstream import Downstream, display_name, load_downstream, parse_names, validation_split
 from ..distributed import all_gather_objects, is_main, rank, world_size
 from ..errors import ConfigError, DataNotFoundError, NotASetError
@@ -33,7 +32,7 @@ from .baselines import SUBSET_BASELINES, Baselines, init_label
 from .protocol import downstream_metrics, recompute_bn_stats, teacher_fidelity
 from .report import write_results
 
-__all__ = ["downstream_sets", "encoder_label", "evaluate_run", "load_compare", "set_title",
+__all__ = ["downstream_sets", "evaluate_run", "load_compare", "set_title",
            "tune_baseline_lrs"]
 
 FORMAT = 2
@@ -56,12 +55,6 @@ def load_compare(path: str | os.PathLike) -> DistilledSet:
     if (p / DISTILLED_FILE).is_file():
         return load_distilled_file(p / DISTILLED_FILE)
     raise NotASetError(f"{p} is neither a set folder nor a run directory with {DISTILLED_FILE}")
-
-
-def encoder_label(model: ModelConfig) -> str:
-    """'resnet10(width=0.125)'."""
-    args = ",".join(f"{k}={v}" for k, v in sorted(model.kwargs.items()))
-    return f"{model.arch}({args})"
 
 
 def _as_pretrain(dset: DistilledSet, title: str, shape: tuple[int, int, int]) -> PretrainSet:
@@ -162,7 +155,7 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
     for seed, model_cfg, title, what in (jobs[i] for i in mine):
         label_seed = ctx.seed_for("eval", "labels", seed)
         teacher_row = teacher_rows.get(seed)
-        enc = encoder_label(model_cfg)
+        enc = model_cfg.label
         t0 = time.perf_counter()
         row: dict[str, Any] = {"set": title, "encoder": enc, "seed": seed}
         if what == "teacher":

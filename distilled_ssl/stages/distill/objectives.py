@@ -92,10 +92,8 @@ class ExpertSpans:
 
     @property
     def arch(self) -> str:
-        """The architecture the experts are of (``arch`` and its kwargs)."""
-        s = self.ctx.cfg.student
-        return s.arch + ("(" + ", ".join(f"{k}={v}" for k, v in sorted(s.kwargs.items())) + ")"
-                         if s.kwargs else "")
+        """The architecture the experts are of (:attr:`~distilled_ssl.config.ModelConfig.label`)."""
+        return self.ctx.cfg.student.label
 
     def __call__(self, it: int, j: int, g: torch.Generator, dev: torch.device) -> Sample:
         """Sample ``j`` of iteration ``it``; draws its start from ``g`` (before the minibatches)."""

@@ -72,7 +72,7 @@ def test_a_run_trains_and_matches_both_architectures(tiny_cfg: RunConfig, tmp_pa
     assert [m["arch"] for m in meta["cross_architecture"]] == ["convnet", "resnet10"]
     assert "cross_architecture" not in read_metadata(plain.path("distilled.safetensors"))
     assert distill_fingerprint(cross) != distill_fingerprint(plain)
-    assert "architectures in turn: convnet(depth=2, width=4): 2 experts" in cross.path("run.log").read_text()
+    assert "architectures in turn: convnet(depth=2,width=4): 2 experts" in cross.path("run.log").read_text()
     assert "expert 1 (resnet10_width0.0625) epoch 1" in cross.path("run.log").read_text()
 
 
