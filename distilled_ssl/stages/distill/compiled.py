@@ -168,12 +168,19 @@ def _guarded(fn: Callable[..., Any], graphs: bool = False) -> Callable[..., Any]
         out = fn(*args)
         return tuple(t.clone() for t in out) if isinstance(out, tuple) else out.clone()
 
+    compiled = [False]  # the advice comes with the compile, on the first call; later calls leave the
+    # warning filters alone (restoring them resets Python's once-per-place warning registry)
+
     def call(*args: Any) -> Any:
         build_log.addFilter(quiet)
         try:
+            if compiled[0]:
+                return run(*args)
             with warnings.catch_warnings():
                 warnings.filterwarnings("ignore", message="TensorFloat32 tensor cores", category=UserWarning)
-                return run(*args)
+                out = run(*args)
+            compiled[0] = True
+            return out
         except Exception as exc:
             if _from_the_compiler(exc):
                 first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
