@@ -38,7 +38,7 @@ from distilled_ssl.pipeline import prepare_run, run_log, run_pipeline
 from distilled_ssl.sets.results import format_table
 
 SHARED = ("teacher.safetensors", "targets.safetensors", "experts")
-BASELINES = ["none", "random", "high_loss", "high_loss_balanced", "full", "teacher"]
+BASELINES = ["none", "random", "high_loss", "high_loss_balanced", "full", "full_steps", "teacher"]
 PRIMARY = ("fidelity_r2", "fashion-mnist/probe@1%", "mnist-5k/probe@10%")
 
 
@@ -168,7 +168,7 @@ def main() -> None:
     closed = {m: window_closed(result["summary"], enc, m, low, high) for m in PRIMARY}
     margins = {m: margin_in_sd(result["summary"], enc, m, low) for m in PRIMARY}
     for s in dict.fromkeys(x["set"] for x in result["summary"]):
-        if s.startswith(("MKDT", "KRR-ST", "high-loss", "init")):
+        if s.startswith(("MKDT", "KRR-ST", "high-loss", "init", "equal-steps")):
             lines.append(f"| {s} | " + " | ".join(
                 f"{closed[m][s]:+.2f} ({margins[m][s]:+.1f} sd)" if s in closed[m] else "-"
                 for m in PRIMARY) + " |")

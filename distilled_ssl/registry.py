@@ -125,5 +125,6 @@ BASELINES: Registry[str] = Registry("baseline", {
     "high_loss": "the top-k highest-loss images",
     "high_loss_balanced": "the top k/C highest-loss images of each class",
     "full": "every source image with teacher reps",
+    "full_steps": "every source image with teacher reps, for the steps a set of its size takes",
     "teacher": "the teacher's own representation (the ceiling)",
 }, patterns=["full:TEACHER"])

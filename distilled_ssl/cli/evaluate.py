@@ -70,7 +70,8 @@ def _overrides(baselines: str | None, downstream: str | None, fractions: str | N
 @click.command()
 @click.argument("run_or_set", type=click.Path(exists=True, file_okay=False, path_type=Path))
 @click.option("--baselines", help="Comma-separated: none, random, init, high_loss, "
-              "high_loss_balanced, full, full:TEACHER (builtin:NAME or a teacher file), teacher.")
+              "high_loss_balanced, full, full_steps (full data, the set's step count), full:TEACHER "
+              "(builtin:NAME or a teacher file), teacher.")
 @click.option("--downstream", help="Comma-separated downstream sets, e.g. fashion-mnist,mnist-5k "
               "(a trailing ? = skip when missing). Default: the source set.")
 @click.option("--label-fractions", "fractions", help="Comma-separated, e.g. 0.01,0.05.")

@@ -7,6 +7,10 @@ Names (``eval.baselines``, the table :data:`distilled_ssl.registry.BASELINES`):
 * ``init`` — the run's own initial subset (what stage 5 started from);
 * ``high_loss`` / ``high_loss_balanced`` — the top-k highest-loss images, plain / k/C per class;
 * ``full`` — every source image with teacher reps (the upper reference; ``eval.full_epochs``);
+* ``full_steps`` — every source image with teacher reps, pre-trained for as many SGD steps as a set
+  of ``k`` images takes (``eval.epochs`` x ceil(k / ``eval.batch_size``)), each step a batch of
+  ``eval.batch_size`` fresh images: the equal-compute reference (what distillation adds over
+  training on all the data for the same steps, not over training for longer);
 * ``full:TEACHER`` — the same with another teacher's reps (``builtin:NAME`` or a teacher file);
 * ``teacher`` — the teacher's own representation, probed directly (the ceiling).
 
@@ -33,9 +37,11 @@ from ..stages.init import high_loss_scores, load_init, top_k
 from ..stages.targets import load_targets
 from ..stages.teacher import load_teacher, resolve_weights
 
-__all__ = ["SUBSET_BASELINES", "Baselines", "check_baselines", "init_label"]
+__all__ = ["SUBSET_BASELINES", "TUNED_BASELINES", "Baselines", "check_baselines", "init_label"]
 
 SUBSET_BASELINES = ("random", "init", "high_loss", "high_loss_balanced")  # k real images, teacher reps
+# trained like the set (its steps, an lr of their own): eval.baseline_lr applies to these
+TUNED_BASELINES = (*SUBSET_BASELINES, "full_steps")
 
 
 def check_baselines(names: Iterable[str]) -> None:
@@ -54,8 +60,8 @@ def init_label(method: str, class_balanced: bool) -> str:
 @dataclass
 class Baselines:
     """Builds baseline pre-training sets of ``k`` images for a run (caches what seeds share).
-    The subset baselines train at ``lrs[name]``, else at ``lr`` (None: ``distill.lr_init``);
-    full-data KD at the experts'."""
+    The subset baselines and ``full_steps`` train at ``lrs[name]``, else at ``lr`` (None:
+    ``distill.lr_init``); full-data KD at the experts'."""
 
     ctx: RunContext
     k: int
@@ -79,6 +85,7 @@ class Baselines:
             "high_loss": f"high-loss subset ({self.k:,}{at})",
             "high_loss_balanced": f"high-loss subset, class-balanced ({self.k:,}{at})",
             "full": f"full-data KD ({n:,})",
+            "full_steps": f"equal-steps full-data KD ({n:,}; {self.steps} steps{at})",
             "teacher": "teacher (ceiling)",
         }.get(name) or f"full-data KD ({n:,}), teacher {name.split(':', 1)[1]}"
 
@@ -95,6 +102,9 @@ class Baselines:
             if name == "high_loss_balanced" and labels is None:
                 raise ConfigError("baseline high_loss_balanced needs a labelled source")
             index = top_k(self._high_loss_scores(), self.k, labels)
+        elif name == "full_steps":
+            return PretrainSet(self.title(name), normalize(data.images, data.mean, data.std),
+                               self._teacher_reps(""), lr, steps=self.steps)
         elif name == "full" or name.startswith("full:"):
             reps = self._teacher_reps(name.split(":", 1)[1]) if ":" in name else self._teacher_reps("")
             return PretrainSet(self.title(name), normalize(data.images, data.mean, data.std), reps,
@@ -103,6 +113,12 @@ class Baselines:
             raise ConfigError(f"{name!r} is not a KD baseline")
         return PretrainSet(self.title(name), normalize(data.images[index], data.mean, data.std),
                            self._teacher_reps("")[index], lr)
+
+    @property
+    def steps(self) -> int:
+        """The SGD steps a set of ``k`` images pre-trains for (``full_steps`` takes as many)."""
+        ec = self.ctx.cfg.eval
+        return ec.epochs * -(-self.k // ec.batch_size)
 
     def _high_loss_scores(self) -> torch.Tensor:
         if self._scores is None:

@@ -28,7 +28,7 @@ from ..sets.results import paired, summarize
 from ..stages.context import RunContext
 from ..stages.distill.monitor import build_scorer, choose_lr
 from ..stages.teacher import load_teacher
-from .baselines import SUBSET_BASELINES, Baselines, init_label
+from .baselines import TUNED_BASELINES, Baselines, init_label
 from .protocol import downstream_metrics, recompute_bn_stats, teacher_fidelity
 from .report import write_results
 
@@ -98,7 +98,7 @@ def downstream_sets(ctx: RunContext) -> list[Downstream]:
     return out
 
 
-NEEDS_TEACHER = ("random", "init", "high_loss", "high_loss_balanced", "full", "teacher")
+NEEDS_TEACHER = ("random", "init", "high_loss", "high_loss_balanced", "full", "full_steps", "teacher")
 
 
 def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
@@ -126,7 +126,7 @@ def evaluate_run(ctx: RunContext, *, compare: Sequence[str | os.PathLike] = (),
     base = Baselines(ctx, k, lr=float(own.lr) if ec.baseline_lr == "set" else None)
     lr_search: dict[str, list[dict[str, float]]] = {}
     if ec.baseline_lr == "tuned":
-        base.lrs, lr_search = tune_baseline_lrs(ctx, base, [b for b in ec.baselines if b in SUBSET_BASELINES])
+        base.lrs, lr_search = tune_baseline_lrs(ctx, base, [b for b in ec.baselines if b in TUNED_BASELINES])
     for name in ec.baselines:
         candidates.append((base.title(name), name))
     candidates.append((set_title(own), _as_pretrain(own, set_title(own), shape)))
@@ -237,7 +237,8 @@ def tune_baseline_lrs(ctx: RunContext, base: Baselines, names: Sequence[str]
     for name in list(names)[rank()::world_size()]:
         pset = base.pretrain_set(name, 0)
         found[name] = choose_lr(scorer, pset.images, pset.targets, ctx.cfg.eval.lr_grid, metric,
-                                log=lambda msg, n=name: ctx.log.info("eval: tuning %s: %s", n, msg))
+                                log=lambda msg, n=name: ctx.log.info("eval: tuning %s: %s", n, msg),
+                                steps=pset.steps)
         ctx.log.info("eval: %s trains at lr %.4g (chosen on the held-out images)", name, found[name][0])
     if world_size() > 1:
         found = {n: v for part in all_gather_objects(found) for n, v in part.items()}

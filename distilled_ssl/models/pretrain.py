@@ -31,6 +31,7 @@ class PretrainSet:
     targets: torch.Tensor
     lr: float
     epochs: int | None = None  # None = the evaluation's default
+    steps: int | None = None  # stop after this many SGD steps (None = every batch of every epoch)
 
 
 def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channels: int,
@@ -47,9 +48,15 @@ def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channel
     g = torch.Generator().manual_seed(seed)
     x_all, y_all = pset.images.to(device), pset.targets.to(device)
     model.train()
-    for _ in range(pset.epochs or epochs):
+    n_epochs, taken = pset.epochs or epochs, 0
+    if pset.steps is not None:  # enough epochs for the steps (each a fresh shuffle), cut at the last
+        n_epochs = -(-pset.steps // -(-len(x_all) // batch_size))
+    for _ in range(n_epochs):
         order = torch.randperm(len(x_all), generator=g).to(device)
         for i in range(0, len(order), batch_size):
+            if pset.steps is not None and taken == pset.steps:
+                break
+            taken += 1
             idx = order[i:i + batch_size]
             if len(idx) < 2 and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
                 continue

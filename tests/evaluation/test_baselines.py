@@ -33,6 +33,12 @@ def test_baselines(eval_run: Path) -> None:
     full = b.pretrain_set("full", 0)
     assert len(full.images) == len(ctx.train_set) and full.epochs == ctx.cfg.eval.full_epochs
     assert b.title("full") == "full-data KD (240)"
+    ec = ctx.cfg.eval
+    same = b.pretrain_set("full_steps", 0)
+    assert torch.equal(same.images, full.images) and torch.equal(same.targets, full.targets)
+    assert same.steps == b.steps == ec.epochs * -(-12 // ec.batch_size) and same.epochs is None
+    assert same.lr == ctx.cfg.distill.lr_init  # trained like the subsets, not at the experts' lr
+    assert b.title("full_steps") == f"equal-steps full-data KD (240; {b.steps} steps)"
     with pytest.raises(ValueError, match="unknown baseline 'best'"):
         check_baselines(["none", "best"])
     with pytest.raises(ConfigError, match="eval.baselines"):
@@ -51,3 +57,29 @@ def test_subset_baselines_can_train_at_the_sets_lr(eval_run: Path) -> None:
     assert paper.title("random") == "random subset (12)"
     with pytest.raises(ConfigError, match="eval.baseline_lr"):
         RunConfig.from_dict({"eval": {"baseline_lr": "best"}}).validate()
+
+
+def test_pretraining_stops_after_the_steps(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``PretrainSet.steps``: exactly that many SGD steps, across epochs, each a fresh shuffle."""
+    import distilled_ssl.models.pretrain as pretrain_mod
+
+    seen: list[torch.Tensor] = []
+    real_loss = pretrain_mod.kd_loss
+
+    def counting(out: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        seen.append(y[:, 0].clone())
+        return real_loss(out, y)
+
+    monkeypatch.setattr(pretrain_mod, "kd_loss", counting)
+    x, y = torch.randn(40, 1, 8, 8), torch.arange(40.0)[:, None].repeat(1, 3)
+    kw = {"in_channels": 1, "image_size": 8, "target_dim": 3, "batch_size": 16, "precise_bn": False}
+    pretrain_mod.pretrain_kd("convnet", {"depth": 1, "width": 4}, pretrain_mod.PretrainSet(
+        "s", x, y, 0.01, steps=7), **kw)
+    assert len(seen) == 7  # 3 batches an epoch: two whole epochs and one batch of a third
+    first, second = torch.cat(seen[:3]), torch.cat(seen[3:6])
+    assert sorted(first.tolist()) == sorted(second.tolist()) == list(range(40))  # every image per epoch
+    assert not torch.equal(first, second)  # reshuffled
+    seen.clear()
+    pretrain_mod.pretrain_kd("convnet", {"depth": 1, "width": 4}, pretrain_mod.PretrainSet(
+        "s", x, y, 0.01), epochs=2, **kw)
+    assert len(seen) == 6  # without steps: every batch of every epoch

@@ -26,9 +26,11 @@ class _Scripted:
     def unseen_seeds(self) -> _Scripted:
         return self
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
-        name = "init" if torch.equal(images, self.init) else "random"
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                 steps: int | None = None) -> dict[str, float]:
+        name = "init" if torch.equal(images, self.init) else "full_steps" if steps else "random"
         self.calls.append((name, round(float(lr), 6)))
+        self.steps = getattr(self, "steps", {}) | {name: steps}
         return {"fidelity_r2": 1 - (float(lr) - self.peaks[name]) ** 2, "probe": 0.5}
 
 
@@ -95,3 +97,28 @@ def test_without_subset_baselines_nothing_is_tuned(held_out_run: RunContext,
     ctx.cfg.eval.baselines = ["none"]
     result = evaluate_run(ctx, out=ctx.run_dir / "plain")
     assert "baseline_lrs" not in result["protocol"]
+
+
+def test_equal_steps_full_data_is_tuned_and_trained_for_the_sets_steps(
+        held_out_run: RunContext, monkeypatch: pytest.MonkeyPatch) -> None:
+    ctx = held_out_run
+    ctx.cfg.eval.baselines = ["random", "full_steps"]
+    scorer = _Scripted(ctx, {"random": 0.3, "init": 0.6, "full_steps": 0.05})
+    monkeypatch.setattr(run_mod, "build_scorer", lambda c: scorer)
+    trained: dict[str, tuple[int, float, int | None]] = {}
+    real_pretrain = run_mod.pretrain_kd
+
+    def spy(arch: str, kwargs: dict, pset: object, **kw: object) -> object:
+        if pset is not None:
+            trained[pset.name] = (len(pset.images), pset.lr, pset.steps)
+        return real_pretrain(arch, kwargs, pset, **kw)
+
+    monkeypatch.setattr(run_mod, "pretrain_kd", spy)
+    result = evaluate_run(ctx, out=ctx.run_dir / "steps")
+    ec = ctx.cfg.eval
+    steps = ec.epochs * -(-12 // ec.batch_size)  # a 12-image set's pre-training
+    assert scorer.steps == {"random": None, "full_steps": steps}  # tuned with the steps it trains for
+    assert result["protocol"]["baseline_lrs"] == {"random": 0.3, "full_steps": 0.05}
+    title = f"equal-steps full-data KD ({len(ctx.train_set)}; {steps} steps, lr 0.05 tuned)"
+    assert trained[title] == (len(ctx.train_set), 0.05, steps)
+    assert trained["random subset (12, lr 0.3 tuned)"] == (12, 0.3, None)

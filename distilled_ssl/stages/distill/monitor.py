@@ -52,10 +52,12 @@ class SnapshotScorer:
     probe_labels: torch.Tensor | None
     first_seed: int = 0  # encoder seeds first_seed .. first_seed + distill.eval_seeds - 1
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
-        """The mean of each metric over ``distill.eval_seeds`` encoder inits (the same every time)."""
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                 steps: int | None = None) -> dict[str, float]:
+        """The mean of each metric over ``distill.eval_seeds`` encoder inits (the same every time);
+        ``steps``: pre-train for that many SGD steps instead of ``eval.epochs`` epochs."""
         seeds = range(self.first_seed, self.first_seed + self.ctx.cfg.distill.eval_seeds)
-        runs = [self.score_seed(images, targets, lr, seed) for seed in seeds]
+        runs = [self.score_seed(images, targets, lr, seed, steps=steps) for seed in seeds]
         return {k: sum(r[k] for r in runs) / len(runs) for k in runs[0]}
 
     def unseen_seeds(self) -> SnapshotScorer:
@@ -65,14 +67,15 @@ class SnapshotScorer:
         return replace(self, first_seed=self.first_seed + self.ctx.cfg.distill.eval_seeds)
 
     def score_seed(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor | float,
-                   seed: int, epochs: int | None = None) -> dict[str, float]:
+                   seed: int, epochs: int | None = None, steps: int | None = None) -> dict[str, float]:
         """One encoder seed's scores: the encoder pre-trained for ``epochs`` (default
-        ``eval.epochs``) at ``lr`` from the init of ``seed``; -inf where the pre-training diverges."""
+        ``eval.epochs``; or ``steps`` SGD steps) at ``lr`` from the init of ``seed``; -inf where the
+        pre-training diverges."""
         cfg, data = self.ctx.cfg, self.ctx.train_set
         model_cfg = cfg.eval.model or cfg.student
         c, h, _ = data.shape
         dev = str(self.ctx.device)
-        pset = PretrainSet("snapshot", images.detach(), targets.detach(), float(lr))
+        pset = PretrainSet("snapshot", images.detach(), targets.detach(), float(lr), steps=steps)
         # seed 0 keeps the seed that one-seed curves were scored with
         tags = ("distill", "monitor") if seed == 0 else ("distill", "monitor", seed)
         try:
@@ -97,15 +100,19 @@ class SnapshotScorer:
 
 def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tensor,
               candidates: Sequence[float], metric: str = KEEP_METRIC,
-              log: Callable[[str], None] | None = None) -> tuple[float, list[dict[str, float]]]:
-    """The candidate lr whose pre-training scores highest on ``metric`` (the first on a tie), and
+              log: Callable[[str], None] | None = None, steps: int | None = None
+              ) -> tuple[float, list[dict[str, float]]]:
+    """The candidate lr whose pre-training (``eval.epochs`` epochs, or ``steps`` SGD steps) scores
+    highest on ``metric`` (the first on a tie), and
     every candidate's scores (``[{"lr": .., metric: .., ...}]``, in the candidates' order, the
     scores rounded to 6 decimals as stored in metadata and results). The runs use the scorer's
     :meth:`~SnapshotScorer.unseen_seeds`, never the encoder seeds of the validation curve."""
     scorer = scorer.unseen_seeds()
     scores: list[dict[str, float]] = []
     for lr in dict.fromkeys(float(v) for v in candidates):  # each once, in order
-        point = {"lr": lr, **scorer(images, targets, torch.tensor(lr))}
+        at = torch.tensor(lr)
+        point = {"lr": lr, **(scorer(images, targets, at) if steps is None else
+                              scorer(images, targets, at, steps=steps))}
         if metric not in point:
             raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "
                               "source has no labels); use distill.keep_metric=fidelity_r2")
