@@ -190,7 +190,10 @@ class DistillConfig:
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
     cuda_graphs: bool = False  # with compile, on CUDA: replay each compiled step as a CUDA graph
     # (torch.compile mode "reduce-overhead": no per-kernel launch cost; same numbers)
-    real_batch: int = 512  # method fidelity: real training images each inner training is scored on
+    real_batch: int = 512  # method fidelity / match_space outputs: real training images per sample
+    match_space: str = "params"  # mkdt: match the expert's end point in parameter space (the paper) or
+    # "outputs": the student's outputs on real_batch real images against the expert's end point's
+    # (normalised by the span's own change of outputs; any architecture, no parameter coordinates)
     inner_momentum: float = 0.0  # the inner steps as heavy-ball SGD with this momentum (the evaluation
     # trains with 0.9); 0 = plain SGD, the paper's inner loop. Exact gradients in every mode
     seed: int | None = None  # re-seed the loop's own draws (trajectory samples, expert order, fresh
@@ -365,6 +368,10 @@ class RunConfig:
         _non_negative(self, "distill.eval_lr")
         if not 0 <= self.distill.inner_momentum < 1:
             raise ConfigError(f"distill.inner_momentum must be in [0, 1), got {self.distill.inner_momentum}")
+        _choice(self, "distill.match_space", {"params", "outputs"})
+        if self.distill.match_space != "params" and self.distill.method != "mkdt":
+            raise ConfigError(f"distill.match_space is how method mkdt matches an expert's end point; "
+                              f"distill.method={self.distill.method} matches no experts: remove it")
         if self.distill.inner_momentum and self.distill.method == "krr_st":
             raise ConfigError("distill.inner_momentum is for the unrolled inner loop of methods mkdt and "
                               "fidelity; KRR-ST has none: remove it")
@@ -545,6 +552,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0, "distill.eval_lr": 0.0, "distill.real_batch": 512,
     "distill.seed": None, "distill.inner_momentum": 0.0, "experts.extra_students": [],
+    "distill.match_space": "params",
 }
 
 

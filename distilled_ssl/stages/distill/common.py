@@ -36,7 +36,7 @@ def distill_fingerprint(ctx: RunContext) -> str:
             "cuda_graphs", "lr_grid"}
     if d.method != "krr_st":
         skip.add("krr_st")
-    if d.method != "fidelity":
+    if d.method != "fidelity" and d.match_space == "params":
         skip.add("real_batch")
     keys = {k: v for k, v in ctx.cfg.hashed_dict()["distill"].items() if k not in skip}
     # cross-architecture matching: the extra students' experts too (nothing added without them)

@@ -5,7 +5,10 @@ Both methods that unroll a student's training on the synthetic set share the loo
 
 * ``distill.method: mkdt`` (:class:`ExpertSpans`): start from an expert's checkpoint
   theta_s (s drawn from the start window) and match theta_{s+span} of the same expert,
-  ``||theta_N - theta_{s+span}||^2 / ||theta_s - theta_{s+span}||^2``.
+  ``||theta_N - theta_{s+span}||^2 / ||theta_s - theta_{s+span}||^2``; with ``distill.match_space:
+  outputs`` the same match in function space, on ``distill.real_batch`` real training images:
+  ``||f(theta_N) - f(theta_{s+span})||^2 / ||f(theta_s) - f(theta_{s+span})||^2`` (what the span
+  taught the student, not where its weights went; :func:`outputs_loss`).
 * ``distill.method: fidelity`` (:class:`FreshStudents`): start from a freshly initialised
   student, as the set's users do, and score the end point by what the set is for: how well the
   trained student predicts the teacher's reps of ``distill.real_batch`` real training images,
@@ -61,7 +64,8 @@ class ExpertSpans:
         """``turns``: how many architectures take iterations in turn (this one every ``turns``-th);
         its experts are cycled through over its own iterations."""
         d = ctx.cfg.distill
-        self.ctx, self.turns = ctx, turns
+        self.ctx, self.turns, self.flat = ctx, turns, flat
+        self.real_batch = min(d.real_batch, len(ctx.train_set)) if d.match_space == "outputs" else 0
         self.experts = list_experts(ctx)
         first = self.experts[0]
         if first.meta["output_dim"] != output_dim or first.params(0).shape[1] != flat.size:
@@ -84,11 +88,13 @@ class ExpertSpans:
         lo, hi = self.windows(0)
         moving = (f" -> [{lo}, {self.last}) by iteration {self.ctx.cfg.distill.start_window_iterations}"
                   if self.last != hi else "")
+        space = f", matched on the outputs of {self.real_batch} real images" if self.real_batch else ""
         return (f"{len(self.experts)} experts, span {self.span} checkpoints ({self.span * self.every} "
-                f"steps), start in [{lo}, {hi}){moving}")
+                f"steps), start in [{lo}, {hi}){moving}{space}")
 
     def meta(self) -> dict[str, Any]:
-        return {"num_experts": len(self.experts)}
+        space = {"real_batch": self.real_batch} if self.real_batch else {}
+        return {"num_experts": len(self.experts), **space}
 
     @property
     def arch(self) -> str:
@@ -100,7 +106,12 @@ class ExpertSpans:
         ef = self._expert_for(it // self.turns * self.ctx.cfg.distill.samples_per_iteration + j)
         s = int(torch.randint(*self.windows(it), (1,), generator=g))
         theta0, theta_target = (t.to(dev) for t in ef.params(s, s + self.span))
-        return Sample(theta0, theta_target, s)
+        if not self.real_batch:
+            return Sample(theta0, theta_target, s)
+        ctx, data = self.ctx, self.ctx.train_set
+        idx = torch.randperm(len(data), generator=ctx.generator(*draw_tags(ctx, "real", it, j)))
+        x = normalize(data.images[idx[:self.real_batch]].to(dev), data.mean, data.std)
+        return Sample(theta0, outputs_loss(self.flat, x, theta0, theta_target, ctx.cfg.distill.precision), s)
 
     def _expert_for(self, n: int) -> ExpertFile:
         cycle, pos = divmod(n, len(self.experts))
@@ -150,6 +161,25 @@ class FreshStudents:
         x = normalize(data.images[idx].to(dev), data.mean, data.std)
         return Sample(theta0, fidelity_loss(self.flat, x, self.reps[idx].to(dev),
                                             ctx.cfg.distill.precision), 0)
+
+
+def outputs_loss(flat: FlatParams, x: torch.Tensor, theta_start: torch.Tensor, theta_target: torch.Tensor,
+                 precision: str = "fp32") -> Outer:
+    """``theta -> ||f(theta) - f(target)||^2 / ||f(start) - f(target)||^2`` on images ``x``: the
+    expert span's end point matched in function space (1 at the start, 0 at the target)."""
+    with torch.no_grad(), autocast(precision, x.device):
+        end = flat.call(theta_target, x).to(x.dtype)  # bf16 autocast: compared in the images' dtype
+        total = (flat.call(theta_start, x).to(x.dtype) - end).pow(2).sum()
+    if not total > 0:
+        raise ConfigError("distill.match_space=outputs: the expert's outputs do not change over the span; "
+                          "raise distill.expert_epochs or distill.real_batch")
+
+    def outer(theta: torch.Tensor) -> torch.Tensor:
+        with autocast(precision, x.device):
+            pred = flat.call(theta, x)
+        return (pred.to(x.dtype) - end).pow(2).sum() / total
+
+    return outer
 
 
 def fidelity_loss(flat: FlatParams, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> Outer:
