@@ -3,7 +3,8 @@
 #   0. the CUDA-only tests (tests/test_cuda.py, the instance norm's);
 #   1. the matching-step table on CUDA (benchmarks/distill_step.py, the GPU shapes; compiled
 #      rows with and without CUDA graphs, cuDNN's algorithm search on: stop 20 had it off);
-#   2. matching iterations/s at K = 1, 4, 8 on one device (benchmarks/scaling.py --samples);
+#   2. matching iterations/s at K = 1, 4, 8 on one device, and K = 4, 8 walked together
+#      (distill.batch_samples: one vmapped walk; benchmarks/scaling.py --samples --batched);
 #   3. the gpu-fmnist-2pct preset end to end, evaluated (resumes where an earlier call stopped; EXTRA:
 #      extra --set options for it);
 #   4. a variant of the preset on the same experts (VARIANT: extra --set options; unset or "" skips it).
@@ -68,10 +69,10 @@ if [ ! -f runs/done_step ] && [ "$(left)" -gt "${STEP_NEEDS:-120}" ]; then
 fi
 
 # 2. K samples per iteration on one device
-if [ ! -f runs/done_scaling ] && [ "$(left)" -gt "${SCALING_NEEDS:-90}" ]; then
+if [ ! -f runs/done_scaling ] && [ "$(left)" -gt "${SCALING_NEEDS:-150}" ]; then
   note "scaling start"
   timeout -s INT -k 10 $(( $(left) - 10 )) python3 benchmarks/scaling.py --device "$DEV" \
-    --preset gpu-fmnist-2pct --samples 1 4 8 --set "source.root=$ROOT/.gpu/data" \
+    --preset gpu-fmnist-2pct --samples 1 4 8 --batched --set "source.root=$ROOT/.gpu/data" \
     ${SCALING_ARGS:---set distill.iterations=10} --out "$OUT/scaling.md" >> "$OUT/bench.log" 2>&1 \
     && touch runs/done_scaling
   note "scaling done ($(ls runs/done_scaling 2>/dev/null))"

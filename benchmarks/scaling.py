@@ -9,6 +9,12 @@ below, evaluation off), so each stage does the same work at every W. Stage times
     python benchmarks/scaling.py                          # W = 1, 2 on this machine (about 10 min)
     python benchmarks/scaling.py --world 1 2 4 --out results.md
     python benchmarks/scaling.py --device cuda --samples 1 4 8   # one GPU: K = 1, 4, 8
+    python benchmarks/scaling.py --samples 1 4 --batched          # and K = 4 walked together (vmap)
+
+With ``--samples`` the table has two rates: over the whole distill stage (the first iteration's
+compile included, where ``distill.compile`` is on) and over the log's last window of
+``distill.log_every`` iterations (steady state). ``--batched`` adds, for each K > 1, a run with
+``distill.batch_samples=true`` (the K samples as one vmapped walk; needs ``distill.compile``).
 """
 
 from __future__ import annotations
@@ -29,6 +35,7 @@ DEFAULT_SETS = ["experts.num_experts=4", "distill.iterations=12", "distill.sampl
                 "distill.eval_every=0", "distill.eval_lr=0", "distill.keep=last", "distill.patience=0",
                 "distill.lr_grid=[]", "distill.log_every=4"]
 STAGE_LINE = re.compile(r"stage (\w+) done in ([0-9.]+) s")
+WINDOW_LINE = re.compile(r"distill \d+/\d+: .* ([0-9.]+) s/it")
 
 
 def _run(out: Path, world: int, args: argparse.Namespace, extra: list[str]) -> dict[str, float]:
@@ -47,7 +54,11 @@ def _run(out: Path, world: int, args: argparse.Namespace, extra: list[str]) -> d
     total = time.perf_counter() - t0
     if proc.returncode:
         sys.exit(f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
-    times = {m.group(1): float(m.group(2)) for m in STAGE_LINE.finditer((out / "run.log").read_text())}
+    log = (out / "run.log").read_text()
+    times = {m.group(1): float(m.group(2)) for m in STAGE_LINE.finditer(log)}
+    windows = WINDOW_LINE.findall(log)
+    if windows:
+        times["last window s/it"] = float(windows[-1])
     times["total (wall, with start-up)"] = total
     return times
 
@@ -75,13 +86,17 @@ def scaling(args: argparse.Namespace) -> str:
 
 
 def samples(args: argparse.Namespace) -> str:
-    """Matching iterations (and trajectory samples) per second on one process for each K."""
+    """Matching iterations (and trajectory samples) per second on one process for each K (and,
+    with ``--batched``, each K > 1 walked together)."""
     rows = []
+    runs = [(k, False) for k in args.samples]
+    if args.batched:
+        runs += [(k, True) for k in args.samples if k > 1]
     with tempfile.TemporaryDirectory() as tmp:
         base = Path(tmp) / "base"
         _run(base, 1, args, ["distill.iterations=0"])  # teacher, targets, experts, init once
-        for k in args.samples:
-            out = Path(tmp) / f"k{k}"
+        for k, batched in runs:
+            out = Path(tmp) / f"k{k}{'b' if batched else ''}"
             out.mkdir()
             for f in base.iterdir():  # reuse the shared stages' artifacts (hard links)
                 if f.is_file() and f.name.endswith(".safetensors") and not f.name.startswith("distill"):
@@ -89,12 +104,19 @@ def samples(args: argparse.Namespace) -> str:
             (out / "experts").mkdir()
             for f in (base / "experts").glob("*.safetensors"):
                 os.link(f, out / "experts" / f.name)
-            t = _run(out, 1, args, [f"distill.samples_per_iteration={k}"])
+            extra = [f"distill.samples_per_iteration={k}"]
+            if batched:
+                extra.append("distill.batch_samples=true")
+            t = _run(out, 1, args, extra)
             its = _iterations(args)
-            rows.append((k, its / t["distill"], k * its / t["distill"]))
-            print(f"  K={k}: {its / t['distill']:.3f} it/s", file=sys.stderr)
-    lines = ["| K (samples per iteration) | iterations / s | trajectory samples / s |", "|---|---|---|"]
-    lines += [f"| {k} | {a:.3f} | {b:.3f} |" for k, a, b in rows]
+            steady = 1 / t["last window s/it"] if "last window s/it" in t else float("nan")
+            rows.append((f"{k}, walked together" if batched else str(k), its / t["distill"],
+                         k * its / t["distill"], steady, k * steady))
+            print(f"  K={rows[-1][0]}: {its / t['distill']:.3f} it/s, last window {steady:.3f} it/s",
+                  file=sys.stderr)
+    lines = ["| K (samples per iteration) | iterations / s (stage) | trajectory samples / s (stage) | "
+             "iterations / s (last window) | trajectory samples / s (last window) |", "|---|---|---|---|---|"]
+    lines += [f"| {k} | {a:.3f} | {b:.3f} | {c:.3f} | {d:.3f} |" for k, a, b, c, d in rows]
     return "\n".join(lines)
 
 
@@ -112,6 +134,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=1, help="torch threads per process")
     p.add_argument("--device", default="cpu")
     p.add_argument("--samples", type=int, nargs="+", help="instead: one process, these K")
+    p.add_argument("--batched", action="store_true",
+                   help="with --samples: also each K > 1 with distill.batch_samples=true")
     p.add_argument("--out", help="also write the table (Markdown) to this file")
     args = p.parse_args()
     t0 = time.perf_counter()

@@ -190,6 +190,9 @@ class DistillConfig:
     # (same numbers up to float rounding, faster; the first iteration compiles; needs a C++ compiler on CPU)
     cuda_graphs: bool = False  # with compile, on CUDA: replay each compiled step as a CUDA graph
     # (torch.compile mode "reduce-overhead": no per-kernel launch cost; same numbers)
+    batch_samples: bool = False  # with compile and samples_per_iteration K > 1: walk this rank's K
+    # trajectory samples together, each inner step one torch.func.vmap call over the K students
+    # (larger kernels for a GPU; the same gradients up to float rounding; plain SGD inner steps)
     real_batch: int = 512  # method fidelity / match_space outputs: real training images per sample
     match_space: str = "params"  # mkdt: match the expert's end point in parameter space (the paper) or
     # "outputs": the student's outputs on real_batch real images against the expert's end point's
@@ -360,6 +363,16 @@ class RunConfig:
         if self.distill.cuda_graphs and not self.device.startswith("cuda"):
             raise ConfigError("distill.cuda_graphs needs a CUDA device (set device=cuda, or "
                               "distill.cuda_graphs=false)")
+        if self.distill.batch_samples:
+            if not self.distill.compile:
+                raise ConfigError("distill.batch_samples needs distill.compile=true (the batched walk is "
+                                  "the compiled one, vmapped); set it, or distill.batch_samples=false")
+            if self.distill.samples_per_iteration < 2:
+                raise ConfigError("distill.batch_samples batches the samples of an iteration: set distill."
+                                  "samples_per_iteration to 2 or more, or distill.batch_samples=false")
+            if self.distill.inner_momentum:
+                raise ConfigError("distill.batch_samples walks plain SGD inner steps only: set "
+                                  "distill.inner_momentum=0, or distill.batch_samples=false")
         if self.distill.compile and self.distill.keep_graphs:
             raise ConfigError("distill.keep_graphs has no effect with distill.compile (the compiled "
                               "walk recomputes every step); set one of them")
@@ -552,7 +565,7 @@ _HASHED_WHEN_SET: dict[str, Any] = {
     "distill.min_start_epoch": 0.0, "distill.max_start_epoch_end": None,
     "distill.start_window_iterations": 0, "distill.eval_lr": 0.0, "distill.real_batch": 512,
     "distill.seed": None, "distill.inner_momentum": 0.0, "experts.extra_students": [],
-    "distill.match_space": "params",
+    "distill.match_space": "params", "distill.batch_samples": False,
 }
 
 

@@ -29,11 +29,11 @@ def distill_fingerprint(ctx: RunContext) -> str:
     if not ctx.path(INIT_FILE).exists():
         raise ArtifactError(f"{ctx.path(INIT_FILE)} is missing: run the init stage first")
     d = ctx.cfg.distill
-    # keep_graphs: same bits; compile, cuda_graphs: the same computation up to float rounding;
-    # patience: when to stop, as iterations (a stopped run carries on with a larger one)
+    # keep_graphs: same bits; compile, cuda_graphs, batch_samples: the same computation up to float
+    # rounding; patience: when to stop, as iterations (a stopped run carries on with a larger one)
     # lr_grid: chosen after matching from the stored state (a new grid re-chooses, no re-matching)
     skip = {"iterations", "patience", "log_every", "checkpoint_every", "keep_graphs", "compile",
-            "cuda_graphs", "lr_grid"}
+            "cuda_graphs", "batch_samples", "lr_grid"}
     if d.method != "krr_st":
         skip.add("krr_st")
     if d.method != "fidelity" and d.match_space == "params":

@@ -33,7 +33,7 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.func import functional_call, grad, vjp
+from torch.func import functional_call, grad, vjp, vmap
 
 from ...errors import ConfigError
 from ...models.encoders import FlatParams
@@ -84,11 +84,14 @@ class CompiledSteps:
     ``g`` is the step's gradient of the KD loss at ``theta``; ``H`` its Hessian; ``J_x`` / ``J_y`` the
     Jacobians of ``g`` with respect to the batch's images and target reps (``J_x`` only with
     ``image_grads``). ``precision`` is that of :func:`~.matching.autocast`; ``cuda_graphs`` replays
-    each computation as a CUDA graph (the student must be on a CUDA device).
+    each computation as a CUDA graph (the student must be on a CUDA device). ``batched``:
+    ``forward`` and ``reverse`` take K students at once (a leading dimension K on ``theta``, ``x``,
+    ``y`` and ``adj``; one ``eta``; :func:`torch.func.vmap`, for
+    :func:`~.matching.match_batched`). ``compile=False`` runs the same functions eagerly (tests).
     """
 
     def __init__(self, flat: FlatParams, *, precision: str = "fp32", image_grads: bool = True,
-                 cuda_graphs: bool = False) -> None:
+                 cuda_graphs: bool = False, batched: bool = False, compile: bool = True) -> None:
         device = next(flat.model.parameters()).device
         if cuda_graphs and device.type != "cuda":
             raise ConfigError(f"distill.cuda_graphs needs a CUDA device (the student is on {device}); set "
@@ -119,11 +122,16 @@ class CompiledSteps:
             hv, jy = pull(adj)
             return (g * adj).sum(), hv, jy
 
-        self.image_grads = image_grads
+        self.image_grads, self.batched = image_grads, batched
+        if batched:  # K students at once: a leading dimension on theta, x, y, adj (one eta)
+            forward = vmap(forward, in_dims=(0, 0, 0, None))
+            reverse = vmap(reverse, in_dims=(0, 0, 0, 0, None))
         mode = "reduce-overhead" if cuda_graphs else None
-        self._forward = _guarded(torch.compile(forward, dynamic=False, mode=mode), cuda_graphs)
-        self._gradient = _guarded(torch.compile(step_grad, dynamic=False, mode=mode), cuda_graphs)
-        self._reverse = _guarded(torch.compile(reverse, dynamic=False, mode=mode), cuda_graphs)
+
+        def build(fn: Callable[..., Any]) -> Callable[..., Any]:
+            return _guarded(torch.compile(fn, dynamic=False, mode=mode) if compile else fn, cuda_graphs)
+
+        self._forward, self._gradient, self._reverse = build(forward), build(step_grad), build(reverse)
 
     def forward(self, theta: torch.Tensor, x: torch.Tensor, y: torch.Tensor, eta: torch.Tensor
                 ) -> torch.Tensor:

@@ -227,6 +227,40 @@ def _match_compiled(steps: StepFunctions, theta0: torch.Tensor, theta_target: Ta
     return MatchResult(match.detach(), gx, gy, glr)
 
 
+def match_batched(steps: StepFunctions, theta0: torch.Tensor, theta_targets: list[Target],
+                  images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                  batches: list[list[torch.Tensor]]) -> list[MatchResult]:
+    """K trajectory samples walked together (``distill.batch_samples``): sample k starts from
+    ``theta0[k]``, takes the minibatches ``batches[k]`` and is scored by ``theta_targets[k]``; every
+    inner step is one call of batched ``steps`` (:class:`~.compiled.CompiledSteps` with
+    ``batched=True``) for all K. Returns each sample's :func:`match_adjoint` result (the same numbers
+    up to float rounding; plain SGD inner steps)."""
+    x_all, y_all, eta = images.detach(), targets.detach(), lr.detach()
+    k, n = len(theta0), len(batches[0])
+    if len(theta_targets) != k or len(batches) != k or any(len(b) != n for b in batches):
+        raise ValueError("match_batched: one start, end point and minibatch list per sample, "
+                         "the same number of minibatches each")
+    idx = [torch.stack([b[i] for b in batches]) for i in range(n)]  # step i: [K, batch]
+    thetas = [theta0.detach()]
+    for i in range(n):
+        thetas.append(steps.forward(thetas[-1], x_all[idx[i]], y_all[idx[i]], eta))
+    ends = [_match_loss(thetas[0][j], thetas[-1][j], theta_targets[j]) for j in range(k)]
+    adj = torch.stack([a for _, a in ends])
+    gx = torch.zeros((k, *x_all.shape), dtype=x_all.dtype, device=x_all.device)
+    gy = torch.zeros((k, *y_all.shape), dtype=y_all.dtype, device=y_all.device)
+    glr = torch.zeros(k, dtype=eta.dtype, device=eta.device)
+    for i in range(n - 1, -1, -1):
+        gdot, hv, jx, jy = steps.reverse(thetas[i], x_all[idx[i]], y_all[idx[i]], adj, eta)
+        glr -= gdot
+        for j in range(k):
+            gy[j].index_add_(0, idx[i][j], -eta * jy[j])
+            if jx is not None:
+                gx[j].index_add_(0, idx[i][j], -eta * jx[j])
+        adj = adj - eta * hv
+        thetas[i + 1] = thetas[i + 1][:0]
+    return [MatchResult(ends[j][0].detach(), gx[j], gy[j], glr[j]) for j in range(k)]
+
+
 def _match_momentum(flat: FlatParams, steps: StepFunctions | None, theta0: torch.Tensor,
                     theta_target: Target, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                     batches: list[torch.Tensor], momentum: float, precision: str, keep_graphs: int,

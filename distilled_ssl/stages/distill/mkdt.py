@@ -53,7 +53,7 @@ from .common import (
     write_distilled,
 )
 from .compiled import CompiledSteps
-from .matching import MatchResult, minibatches
+from .matching import MatchResult, match_batched, minibatches
 from .monitor import SnapshotScorer, build_scorer, save_curve
 from .objectives import ExpertSpans, FreshStudents, StartWindows, draw_tags  # noqa: F401 (StartWindows: API)
 from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
@@ -108,7 +108,7 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
                         world_size() - d.samples_per_iteration % world_size())
     matcher = MATCHERS[d.mode]
     steps = [CompiledSteps(flat, precision=d.precision, image_grads=d.lr_img > 0,
-                           cuda_graphs=d.cuda_graphs) if d.compile else None
+                           cuda_graphs=d.cuda_graphs, batched=d.batch_samples) if d.compile else None
              for flat in flats]
     lrs = {"images": d.lr_img, "targets": d.lr_targets, "lr": d.lr_lr}
     adam = {"images"} if d.image_optimizer == "adam" else set()
@@ -130,10 +130,14 @@ def run_mkdt(ctx: RunContext, *, force: bool = False) -> Path:
     progress = IterationLog(d.iterations, d.log_every, bar)
     for it in range(start, start if stopped else d.iterations):
         turn = it % len(objectives)
-        loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr},
-                                        partial(_sample_gradient, ctx, objectives[turn], it,
-                                                flat=flats[turn], matcher=matcher, images=images,
-                                                targets=targets, lr=lr, steps=steps[turn]))
+        if d.batch_samples:  # this rank's samples walked together (vmap)
+            samples = partial(_batched_gradients, ctx, objectives[turn], it, images=images,
+                              targets=targets, lr=lr, steps=steps[turn])
+        else:
+            one = partial(_sample_gradient, ctx, objectives[turn], it, flat=flats[turn], matcher=matcher,
+                          images=images, targets=targets, lr=lr, steps=steps[turn])
+            samples = partial(_one_by_one, one)
+        loss, grads, s = _meta_gradient(ctx, {"images": images, "targets": targets, "lr": lr}, samples)
         if not math.isfinite(loss) or not all(torch.isfinite(v).all() for v in grads.values()):
             raise DivergenceError(f"distill iteration {it}: non-finite {objective.loss_name} or gradient; "
                                   "lower distill.lr_img / lr_targets / lr_lr or set clip_grad")
@@ -265,8 +269,34 @@ def _sample_gradient(ctx: RunContext, objective: ExpertSpans | FreshStudents, it
     return res.loss, {"images": res.grad_images, "targets": res.grad_targets, "lr": res.grad_lr}, sample.start
 
 
+SampleResult = tuple[torch.Tensor, dict[str, torch.Tensor], int]  # loss, gradients, start
+
+
+def _one_by_one(sample: Callable[[int], SampleResult], js: list[int]) -> list[SampleResult]:
+    return [sample(j) for j in js]
+
+
+def _batched_gradients(ctx: RunContext, objective: ExpertSpans | FreshStudents, it: int, js: list[int],
+                       images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                       steps: CompiledSteps | None = None) -> list[SampleResult]:
+    """The samples ``js`` of iteration ``it`` walked together (``distill.batch_samples``): the same
+    starts, minibatches and end points as :func:`_sample_gradient` draws for each, one batched call
+    per inner step."""
+    d, dev = ctx.cfg.distill, images.device
+    assert steps is not None and steps.batched  # config: batch_samples needs compile
+    drawn, batches = [], []
+    for j in js:
+        g = ctx.generator(*draw_tags(ctx, it) if j == 0 else draw_tags(ctx, it, "sample", j))
+        drawn.append(objective(it, j, g, dev))
+        batches.append([b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)])
+    results = match_batched(steps, torch.stack([x.theta0 for x in drawn]), [x.outer for x in drawn],
+                            images, targets, lr, batches)
+    return [(r.loss, {"images": r.grad_images, "targets": r.grad_targets, "lr": r.grad_lr}, x.start)
+            for r, x in zip(results, drawn, strict=True)]
+
+
 def _meta_gradient(ctx: RunContext, params: dict[str, torch.Tensor],
-                   sample: Callable[[int], tuple[torch.Tensor, dict[str, torch.Tensor], int]],
+                   samples: Callable[[list[int]], list[SampleResult]],
                    ) -> tuple[float, dict[str, torch.Tensor], int]:
     """The iteration's loss and gradients (w.r.t. ``params``) averaged over its
     ``samples_per_iteration`` samples, and sample 0's start. Under torchrun rank r computes the
@@ -276,8 +306,8 @@ def _meta_gradient(ctx: RunContext, params: dict[str, torch.Tensor],
     ref = params["images"]
     rows = torch.zeros(len(range(rank(), n, ranks)), 2 + sum(p.numel() for p in params.values()),
                        dtype=ref.dtype, device=ref.device)
-    for row, j in zip(rows, range(rank(), n, ranks), strict=True):
-        loss, grads, start = sample(j)  # row = [loss, start, gradients in params' order]
+    for row, (loss, grads, start) in zip(rows, samples(list(range(rank(), n, ranks))), strict=True):
+        # row = [loss, start, gradients in params' order]
         row[:2] = torch.tensor([float(loss), start])
         torch.cat([grads[name].reshape(-1) for name in params], out=row[2:])
     counts = [len(range(r, n, ranks)) for r in range(ranks)]

@@ -204,5 +204,6 @@ def test_the_stage_hands_compiled_steps_to_the_matcher(tiny_cfg, tmp_path, monke
     ctx = prepare_run(tiny_cfg.override(["distill.iterations=2", "distill.compile=true",
                                          "distill.precision=bf16"]), tmp_path / "run", progress=False)
     run_pipeline(ctx, stages=["teacher", "targets", "experts", "init", "distill"])
-    assert made == [{"precision": "bf16", "image_grads": ctx.cfg.distill.lr_img > 0, "cuda_graphs": False}]
+    assert made == [{"precision": "bf16", "image_grads": ctx.cfg.distill.lr_img > 0, "cuda_graphs": False,
+                     "batched": False}]
     assert len(seen) == 2 and all(isinstance(s, Spy) for s in seen)
