@@ -56,10 +56,10 @@ def pretrain_kd(arch: str, kwargs: dict, pset: PretrainSet | None, *, in_channel
         for i in range(0, len(order), batch_size):
             if pset.steps is not None and taken == pset.steps:
                 break
-            taken += 1
             idx = order[i:i + batch_size]
             if len(idx) < 2 and any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules()):
                 continue
+            taken += 1
             loss = kd_loss(model(x_all[idx]), y_all[idx])
             opt.zero_grad(set_to_none=True)
             loss.backward()

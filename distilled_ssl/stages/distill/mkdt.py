@@ -55,7 +55,7 @@ from .common import (
 from .compiled import CompiledSteps
 from .matching import MatchResult, match_batched, minibatches
 from .monitor import SnapshotScorer, build_scorer, save_curve
-from .objectives import ExpertSpans, FreshStudents, StartWindows, draw_tags  # noqa: F401 (StartWindows: API)
+from .objectives import ExpertSpans, FreshStudents, Sample, StartWindows, draw_tags  # noqa: F401 (StartWindows: API)
 from .updates import TeacherOnSet, adam_step, laplacian, pixel_range
 
 
@@ -253,16 +253,23 @@ def _score(ctx: RunContext, scorer: SnapshotScorer, curve: list[dict[str, Any]],
                  time.perf_counter() - t0)
 
 
+def _draw(ctx: RunContext, objective: ExpertSpans | FreshStudents, it: int, j: int, images: torch.Tensor
+          ) -> tuple[Sample, list[torch.Tensor]]:
+    """Sample ``j`` of iteration ``it``: its start and end point, then its minibatches, from one
+    generator seeded by both (sample 0 is the one sample of ``samples_per_iteration: 1``)."""
+    d, dev = ctx.cfg.distill, images.device
+    g = ctx.generator(*draw_tags(ctx, it) if j == 0 else draw_tags(ctx, it, "sample", j))
+    sample = objective(it, j, g, dev)
+    return sample, [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
+
+
 def _sample_gradient(ctx: RunContext, objective: ExpertSpans | FreshStudents, it: int, j: int,
                      flat: FlatParams, matcher: Callable[..., MatchResult], images: torch.Tensor,
                      targets: torch.Tensor, lr: torch.Tensor, steps: CompiledSteps | None = None,
                      ) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-    """Inner-loop sample ``j`` of iteration ``it`` (its start and minibatches seeded by both;
-    sample 0 is the one sample of ``samples_per_iteration: 1``): loss, gradients, start."""
-    d, dev = ctx.cfg.distill, images.device
-    g = ctx.generator(*draw_tags(ctx, it) if j == 0 else draw_tags(ctx, it, "sample", j))
-    sample = objective(it, j, g, dev)
-    batches = [b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)]
+    """Inner-loop sample ``j`` of iteration ``it`` (:func:`_draw`): loss, gradients, start."""
+    d = ctx.cfg.distill
+    sample, batches = _draw(ctx, objective, it, j, images)
     res = matcher(flat, sample.theta0, sample.outer, images, targets, lr, batches, precision=d.precision,
                   keep_graphs=d.keep_graphs, image_grads=d.lr_img > 0, steps=steps,
                   momentum=d.inner_momentum)
@@ -279,20 +286,14 @@ def _one_by_one(sample: Callable[[int], SampleResult], js: list[int]) -> list[Sa
 def _batched_gradients(ctx: RunContext, objective: ExpertSpans | FreshStudents, it: int, js: list[int],
                        images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
                        steps: CompiledSteps | None = None) -> list[SampleResult]:
-    """The samples ``js`` of iteration ``it`` walked together (``distill.batch_samples``): the same
-    starts, minibatches and end points as :func:`_sample_gradient` draws for each, one batched call
-    per inner step."""
-    d, dev = ctx.cfg.distill, images.device
+    """The samples ``js`` of iteration ``it`` walked together (``distill.batch_samples``): each
+    drawn as :func:`_draw` draws it for the one-by-one loop, one batched call per inner step."""
     assert steps is not None and steps.batched  # config: batch_samples needs compile
-    drawn, batches = [], []
-    for j in js:
-        g = ctx.generator(*draw_tags(ctx, it) if j == 0 else draw_tags(ctx, it, "sample", j))
-        drawn.append(objective(it, j, g, dev))
-        batches.append([b.to(dev) for b in minibatches(len(images), d.batch_syn, d.syn_steps, g)])
-    results = match_batched(steps, torch.stack([x.theta0 for x in drawn]), [x.outer for x in drawn],
-                            images, targets, lr, batches)
+    drawn = [_draw(ctx, objective, it, j, images) for j in js]
+    results = match_batched(steps, torch.stack([x.theta0 for x, _ in drawn]), [x.outer for x, _ in drawn],
+                            images, targets, lr, [b for _, b in drawn])
     return [(r.loss, {"images": r.grad_images, "targets": r.grad_targets, "lr": r.grad_lr}, x.start)
-            for r, x in zip(results, drawn, strict=True)]
+            for r, (x, _) in zip(results, drawn, strict=True)]
 
 
 def _meta_gradient(ctx: RunContext, params: dict[str, torch.Tensor],

@@ -110,9 +110,7 @@ def choose_lr(scorer: SnapshotScorer, images: torch.Tensor, targets: torch.Tenso
     scorer = scorer.unseen_seeds()
     scores: list[dict[str, float]] = []
     for lr in dict.fromkeys(float(v) for v in candidates):  # each once, in order
-        at = torch.tensor(lr)
-        point = {"lr": lr, **(scorer(images, targets, at) if steps is None else
-                              scorer(images, targets, at, steps=steps))}
+        point = {"lr": lr, **scorer(images, targets, torch.tensor(lr), steps=steps)}
         if metric not in point:
             raise ConfigError(f"distill.keep_metric={metric}: the held-out scores have no {metric} (the "
                               "source has no labels); use distill.keep_metric=fidelity_r2")

@@ -168,18 +168,12 @@ def outputs_loss(flat: FlatParams, x: torch.Tensor, theta_start: torch.Tensor, t
     """``theta -> ||f(theta) - f(target)||^2 / ||f(start) - f(target)||^2`` on images ``x``: the
     expert span's end point matched in function space (1 at the start, 0 at the target)."""
     with torch.no_grad(), autocast(precision, x.device):
-        end = flat.call(theta_target, x).to(x.dtype)  # bf16 autocast: compared in the images' dtype
+        end = flat.call(theta_target, x).to(x.dtype)
         total = (flat.call(theta_start, x).to(x.dtype) - end).pow(2).sum()
     if not total > 0:
         raise ConfigError("distill.match_space=outputs: the expert's outputs do not change over the span; "
                           "raise distill.expert_epochs or distill.real_batch")
-
-    def outer(theta: torch.Tensor) -> torch.Tensor:
-        with autocast(precision, x.device):
-            pred = flat.call(theta, x)
-        return (pred.to(x.dtype) - end).pow(2).sum() / total
-
-    return outer
+    return _squared_error(flat, x, end, total, precision)
 
 
 def fidelity_loss(flat: FlatParams, x: torch.Tensor, y: torch.Tensor, precision: str = "fp32") -> Outer:
@@ -188,10 +182,16 @@ def fidelity_loss(flat: FlatParams, x: torch.Tensor, y: torch.Tensor, precision:
     if not total > 0:
         raise ConfigError("distill.method=fidelity: the teacher's reps of the real batch do not vary; "
                           "raise distill.real_batch")
+    return _squared_error(flat, x, y, total, precision)
+
+
+def _squared_error(flat: FlatParams, x: torch.Tensor, ref: torch.Tensor, total: torch.Tensor,
+                   precision: str) -> Outer:
+    """``theta -> ||f(theta, x) - ref||^2 / total`` (under bf16 autocast: compared in ``ref``'s dtype)."""
 
     def outer(theta: torch.Tensor) -> torch.Tensor:
         with autocast(precision, x.device):
             pred = flat.call(theta, x)
-        return (pred.float() - y).pow(2).sum() / total
+        return (pred.to(ref.dtype) - ref).pow(2).sum() / total
 
     return outer

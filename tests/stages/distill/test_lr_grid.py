@@ -27,7 +27,8 @@ class _PeakAt:
     def unseen_seeds(self) -> _PeakAt:
         return self
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                 steps: int | None = None) -> dict[str, float]:
         self.calls.append(round(float(lr), 6))
         return {"fidelity_r2": 1 - (float(lr) - self.peak) ** 2, "probe": 0.5}
 

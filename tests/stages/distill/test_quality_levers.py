@@ -233,7 +233,8 @@ class _ScriptedScorer:
     def __init__(self, scores: list[float]) -> None:
         self.scores = iter(scores)
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                 steps: int | None = None) -> dict[str, float]:
         return {"fidelity_r2": next(self.scores), "probe": 0.5}
 
 
@@ -301,9 +302,10 @@ class _RecordingScorer(_ScriptedScorer):
         super().__init__(scores)
         self.lrs: list[float] = []
 
-    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor) -> dict[str, float]:
+    def __call__(self, images: torch.Tensor, targets: torch.Tensor, lr: torch.Tensor,
+                 steps: int | None = None) -> dict[str, float]:
         self.lrs.append(float(lr))
-        return super().__call__(images, targets, lr)
+        return super().__call__(images, targets, lr, steps)
 
 
 @pytest.mark.parametrize("eval_lr", [0.0, 0.7])
