@@ -108,10 +108,9 @@ class ExpertSpans:
         theta0, theta_target = (t.to(dev) for t in ef.params(s, s + self.span))
         if not self.real_batch:
             return Sample(theta0, theta_target, s)
-        ctx, data = self.ctx, self.ctx.train_set
-        idx = torch.randperm(len(data), generator=ctx.generator(*draw_tags(ctx, "real", it, j)))
-        x = normalize(data.images[idx[:self.real_batch]].to(dev), data.mean, data.std)
-        return Sample(theta0, outputs_loss(self.flat, x, theta0, theta_target, ctx.cfg.distill.precision), s)
+        _, x = real_batch(self.ctx, it, j, self.real_batch, dev)
+        outer = outputs_loss(self.flat, x, theta0, theta_target, self.ctx.cfg.distill.precision)
+        return Sample(theta0, outer, s)
 
     def _expert_for(self, n: int) -> ExpertFile:
         cycle, pos = divmod(n, len(self.experts))
@@ -153,14 +152,21 @@ class FreshStudents:
 
     def __call__(self, it: int, j: int, g: torch.Generator, dev: torch.device) -> Sample:
         """Sample ``j`` of iteration ``it`` (its own seeds: ``g`` is left to the minibatches)."""
-        ctx, data = self.ctx, self.ctx.train_set
+        ctx = self.ctx
         with seeded(ctx.seed_for(*draw_tags(ctx, "student", it, j))):
             theta0 = FlatParams(student_for(ctx, self.reps.shape[1])).flatten().to(dev)
-        real = ctx.generator(*draw_tags(ctx, "real", it, j))
-        idx = torch.randperm(len(self.reps), generator=real)[:self.batch]
-        x = normalize(data.images[idx].to(dev), data.mean, data.std)
+        idx, x = real_batch(ctx, it, j, self.batch, dev)
         return Sample(theta0, fidelity_loss(self.flat, x, self.reps[idx].to(dev),
                                             ctx.cfg.distill.precision), 0)
+
+
+def real_batch(ctx: RunContext, it: int, j: int, size: int, dev: torch.device
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``j`` of iteration ``it``'s real training images (seeded by both): their indices and
+    the images, normalised, on ``dev``."""
+    data = ctx.train_set
+    idx = torch.randperm(len(data), generator=ctx.generator(*draw_tags(ctx, "real", it, j)))[:size]
+    return idx, normalize(data.images[idx].to(dev), data.mean, data.std)
 
 
 def outputs_loss(flat: FlatParams, x: torch.Tensor, theta_start: torch.Tensor, theta_target: torch.Tensor,
