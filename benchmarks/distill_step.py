@@ -2,13 +2,16 @@
 
 The **reference** row is the plain algorithm the MKDT reference code runs: every inner step unrolled
 with ``create_graph``, one backward at the end, PyTorch's own ``nn.GroupNorm`` (composite double
-backward), fp32, contiguous tensors. Every other row is this library's matcher with some of its
-options; "speed-up" is the reference's time at the same ``syn_steps`` divided by the row's, measured in
-the same run on the same shapes (same model, same parameter count, same minibatches).
+backward) and ``nn.AvgPool2d``, fp32, contiguous tensors, the process's default allocator ("reference,
+malloc" gives it the allocator setting a CPU run of this library uses). Every other row is this
+library's matcher with some of its options; "speed-up" is the reference's time at the same
+``syn_steps`` divided by the row's, measured in the same run on the same shapes (same model, same
+parameter count, same minibatches).
 
 On CPU each (variant, syn_steps) cell runs in its own process, so that its peak RSS is its own. bf16 and
 compiled cells also report the cosine of their image / target-rep gradients against the fp32 eager
-adjoint gradients of the same trajectory.
+adjoint gradients of the same trajectory. "malloc" rows keep freed memory for reuse
+(:func:`distilled_ssl.allocator.reuse_freed_memory`, what ``prepare_run`` does for a CPU run).
 
     python benchmarks/distill_step.py                  # the paper's shapes: 3x32x32, 1,000 images, 512-d
     python benchmarks/distill_step.py --size 28 --channels 1 --target-dim 128 --images 1100  # the CPU demo
@@ -35,7 +38,8 @@ import time
 
 import torch
 
-# name -> (mode, precision, keep_graphs ("all" = syn_steps), native GroupNorm, tuned glibc malloc,
+# name -> (mode, precision, keep_graphs ("all" = syn_steps), the reference's layers (PyTorch's
+#          GroupNorm and AvgPool2d), freed memory kept for reuse (glibc; what a CPU run does),
 #          image gradients, compiled steps, inner momentum, CUDA graphs). Rows without image
 #          gradients do less work than the reference (they are what targets-only distillation,
 #          ``distill.lr_img: 0``, runs), and say so. Compiled rows (``distill.compile: true``) pay the
@@ -44,18 +48,22 @@ import torch
 #          another inner loop than the reference's plain SGD: compare them with their plain twins.
 VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool, float, bool]] = {
     "reference": ("unrolled", "fp32", "0", True, False, True, False, 0.0, False),
+    "reference, malloc": ("unrolled", "fp32", "0", True, True, True, False, 0.0, False),
     "unrolled": ("unrolled", "fp32", "0", False, False, True, False, 0.0, False),
     "adjoint": ("adjoint", "fp32", "0", False, False, True, False, 0.0, False),
     "adjoint keep all": ("adjoint", "fp32", "all", False, False, True, False, 0.0, False),
     "adjoint keep half": ("adjoint", "fp32", "half", False, False, True, False, 0.0, False),
     "adjoint bf16": ("adjoint", "bf16", "0", False, False, True, False, 0.0, False),
     "adjoint bf16 keep all": ("adjoint", "bf16", "all", False, False, True, False, 0.0, False),
+    "adjoint, malloc": ("adjoint", "fp32", "0", False, True, True, False, 0.0, False),
     "adjoint keep all, malloc": ("adjoint", "fp32", "all", False, True, True, False, 0.0, False),
     "adjoint bf16 keep all, malloc": ("adjoint", "bf16", "all", False, True, True, False, 0.0, False),
     "adjoint, targets only": ("adjoint", "fp32", "0", False, False, False, False, 0.0, False),
     "adjoint keep all, targets only": ("adjoint", "fp32", "all", False, False, False, False, 0.0, False),
     "adjoint compiled": ("adjoint", "fp32", "0", False, False, True, True, 0.0, False),
     "adjoint bf16 compiled": ("adjoint", "bf16", "0", False, False, True, True, 0.0, False),
+    "adjoint compiled, malloc": ("adjoint", "fp32", "0", False, True, True, True, 0.0, False),
+    "adjoint bf16 compiled, malloc": ("adjoint", "bf16", "0", False, True, True, True, 0.0, False),
     "adjoint compiled, targets only": ("adjoint", "fp32", "0", False, False, False, True, 0.0, False),
     "adjoint bf16 compiled, targets only": ("adjoint", "bf16", "0", False, False, False, True, 0.0, False),
     "adjoint heavy-ball": ("adjoint", "fp32", "0", False, False, True, False, 0.9, False),
@@ -68,27 +76,31 @@ VARIANTS: dict[str, tuple[str, str, str, bool, bool, bool, bool, float, bool]] =
 }
 DEFAULT = ["reference", "unrolled", "adjoint", "adjoint keep all", "adjoint bf16", "adjoint compiled",
            "adjoint bf16 compiled"]
-# glibc: keep freed blocks for reuse instead of returning them to the OS (no page faults per step)
-TUNED_MALLOC = {"MALLOC_MMAP_THRESHOLD_": str(2**31), "MALLOC_TRIM_THRESHOLD_": str(2**36)}
+# on CPU the library's rows as a run has them (freed memory kept), the reference both ways
+DEFAULT_CPU = ["reference", "reference, malloc", "adjoint, malloc", "adjoint keep all, malloc",
+               "adjoint compiled, malloc", "adjoint bf16 compiled, malloc"]
 
 
-def _setup(args: argparse.Namespace, native_norm: bool):
+def _setup(args: argparse.Namespace, native_layers: bool):
     from torch import nn
 
     from distilled_ssl.models.encoders import FlatParams, build_model
     from distilled_ssl.models.instance_norm import InstanceNorm2d
+    from distilled_ssl.models.pooling import AvgPool2x2
 
     torch.manual_seed(0)
     model = build_model("convnet", in_channels=args.channels, image_size=args.size,
                         output_dim=args.target_dim, depth=args.depth, width=args.width,
                         norm=args.norm).to(args.device)
-    if native_norm:  # the reference's layer: PyTorch's GroupNorm, same parameters
+    if native_layers:  # the reference's layers: PyTorch's GroupNorm (same parameters) and AvgPool2d
         for mod in list(model.modules()):
             for name, child in list(mod.named_children()):
                 if isinstance(child, InstanceNorm2d):
                     ref = nn.GroupNorm(child.num_groups, child.num_channels).to(args.device)
                     ref.load_state_dict(child.state_dict())
                     setattr(mod, name, ref)
+                elif isinstance(child, AvgPool2x2):
+                    setattr(mod, name, nn.AvgPool2d(2))
     flat = FlatParams(model)
     theta0 = flat.flatten().to(args.device)
     target = theta0 + 0.01 * torch.randn_like(theta0)
@@ -115,7 +127,11 @@ def cell(args: argparse.Namespace) -> dict:
     from distilled_ssl.stages.distill.compiled import CompiledSteps
     from distilled_ssl.stages.distill.matching import minibatches
 
-    mode, precision, keep, native, _, image_grads, compiled, momentum, graphs = VARIANTS[args.variant]
+    mode, precision, keep, native, reuse, image_grads, compiled, momentum, graphs = VARIANTS[args.variant]
+    if reuse:  # glibc keeps freed blocks for reuse (no page faults per step), as a CPU run does
+        from distilled_ssl.allocator import reuse_freed_memory
+
+        reuse_freed_memory()
     torch.set_num_threads(args.threads)
     torch.backends.cudnn.benchmark = args.cudnn_benchmark
     _model, flat, theta0, target, images, reps = _setup(args, native)
@@ -152,6 +168,33 @@ def cell(args: argparse.Namespace) -> dict:
     return out
 
 
+def _measure(args: argparse.Namespace, variant: str, steps: int, in_process: bool, base: list[str]) -> dict:
+    """One cell: in this process (a failing cell, e.g. a kernel the device refuses, is reported in
+    the table instead of stopping the others), or in a process of its own."""
+    if in_process:
+        args.variant, args.syn_steps = variant, steps
+        try:
+            return cell(args)
+        except Exception as exc:
+            return {"failed": (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]}
+    cmd = [sys.executable, __file__, *base, "--cell", variant, str(steps)]
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def _combine(runs: list[dict]) -> dict:
+    """A cell's rounds as one row: the median time (and the rounds' range), the highest peak, the
+    first round's compile time and gradient cosines."""
+    failed = [r for r in runs if "failed" in r]
+    if failed:
+        return failed[0]
+    secs = [r["seconds"] for r in runs]
+    peaks = [r["cuda_peak_mib"] for r in runs if r["cuda_peak_mib"] is not None]
+    return runs[0] | {"seconds": statistics.median(secs), "range": (min(secs), max(secs)),
+                      "peak_rss_mib": max(r["peak_rss_mib"] for r in runs),
+                      "cuda_peak_mib": max(peaks) if peaks else None}
+
+
 def _memory(r: dict, in_process: bool) -> str:
     """The row's peak memory: the CUDA allocator's in one process; else the RSS (and CUDA's)."""
     if in_process:
@@ -163,8 +206,9 @@ def _memory(r: dict, in_process: bool) -> str:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--steps", type=int, nargs="+", default=[10, 20, 40])
-    p.add_argument("--variants", nargs="+", default=DEFAULT, choices=list(VARIANTS), metavar="VARIANT",
-                   help=f"rows, from: {', '.join(VARIANTS)}")
+    p.add_argument("--variants", nargs="+", choices=list(VARIANTS), metavar="VARIANT",
+                   help=f"rows, from: {', '.join(VARIANTS)} (default: {', '.join(DEFAULT_CPU)} on CPU, "
+                        f"{', '.join(DEFAULT)} on CUDA)")
     p.add_argument("--images", type=int, default=1000, help="synthetic set size (2%% of CIFAR-10)")
     p.add_argument("--batch", type=int, default=128, help="batch_syn")
     p.add_argument("--size", type=int, default=32)
@@ -173,7 +217,10 @@ def main() -> None:
     p.add_argument("--width", type=int, default=32)
     p.add_argument("--norm", default="instance")
     p.add_argument("--target-dim", type=int, default=512)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--repeats", type=int, default=3, help="timed iterations per cell (median)")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="measure every cell this many times in rotation and report the median (a "
+                        "shared machine's speed drifts between cells; rounds spread it over all rows)")
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--device", default="cpu")
     p.add_argument("--out", help="also write the table (Markdown) to this file")
@@ -194,29 +241,21 @@ def main() -> None:
                      "repeats", "threads", "device")]
     base += ["--cudnn-benchmark"] if args.cudnn_benchmark else []
     in_process = args.device.startswith("cuda") if args.in_process is None else args.in_process
+    if args.variants is None:
+        args.variants = DEFAULT if in_process else DEFAULT_CPU
     if in_process and any(VARIANTS[v][4] for v in args.variants):
         p.error("the malloc rows need their own process (--no-in-process)")
-    rows = []
-    for steps in args.steps:
-        for variant in args.variants:
-            if in_process:  # one failing row (a kernel the device refuses) leaves the others
-                args.variant, args.syn_steps = variant, steps
-                try:
-                    r = cell(args)
-                except Exception as exc:  # reported in the table instead
-                    msg = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:160]
-                    print(f"  {variant:30s} syn_steps={steps:3d}: failed: {msg}", file=sys.stderr, flush=True)
-                    rows.append({"variant": variant, "syn_steps": steps, "failed": msg})
-                    continue
-            else:
-                env = dict(os.environ, **(TUNED_MALLOC if VARIANTS[variant][4] else {}))
-                cmd = [sys.executable, __file__, *base, "--cell", variant, str(steps)]
-                out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout
-                r = json.loads(out.strip().splitlines()[-1])
-            r.update(variant=variant, syn_steps=steps)
-            rows.append(r)
-            print(f"  {variant:30s} syn_steps={steps:3d}: {r['seconds']:.3f} s/it, " + _memory(r, in_process)
-                  + " MiB", file=sys.stderr, flush=True)
+    runs: dict[tuple[str, int], list[dict]] = {}
+    for _ in range(args.rounds):  # every cell once per round: the machine's drift hits all rows alike
+        for steps in args.steps:
+            for variant in args.variants:
+                r = _measure(args, variant, steps, in_process, base)
+                runs.setdefault((variant, steps), []).append(r)
+                said = (f"failed: {r['failed']}" if "failed" in r else
+                        f"{r['seconds']:.3f} s/it, " + _memory(r, in_process) + " MiB")
+                print(f"  {variant:30s} syn_steps={steps:3d}: {said}", file=sys.stderr, flush=True)
+    rows = [_combine(runs[(variant, steps)]) | {"variant": variant, "syn_steps": steps}
+            for steps in args.steps for variant in args.variants]
     ref = {r["syn_steps"]: r["seconds"] for r in rows if r["variant"] == "reference" and "failed" not in r}
     params = next((r["parameters"] for r in rows if "parameters" in r), 0)
     head = (f"ConvNet depth {args.depth} width {args.width} ({args.norm} norm), {params:,} "
@@ -242,8 +281,9 @@ def main() -> None:
         cos = (" / ".join(f"{r['cosine'][n]:.4f}" if n in r["cosine"] else "-"
                           for n in ("grad_images", "grad_targets")) if "cosine" in r else "-")
         kept = "all" if mode == "unrolled" else _keep(keep, r["syn_steps"])
+        spread = f" ({r['range'][0]:.2f}-{r['range'][1]:.2f})" if args.rounds > 1 else ""
         lines.append(f"| {r['variant']} | {mode} | {precision} | {kept} | "
-                     f"{r['syn_steps']} | {r['seconds']:.3f} | {speed} | {mem} | {cos} | "
+                     f"{r['syn_steps']} | {r['seconds']:.3f}{spread} | {speed} | {mem} | {cos} | "
                      f"{r['warmup_seconds']:.1f} |")
     table = "\n".join(lines)
     print(table)

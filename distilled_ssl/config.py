@@ -254,6 +254,8 @@ class RunConfig:
     seed: int = 0
     device: str = "cpu"
     threads: int | None = None  # torch intra-op threads; None = torch's default
+    # CPU runs: glibc keeps freed memory for reuse (no page faults per inner step; allocator.py)
+    reuse_freed_memory: bool = True
     source: SourceConfig = field(default_factory=SourceConfig)
     teacher: TeacherConfig = field(default_factory=TeacherConfig)
     targets: TargetsConfig = field(default_factory=TargetsConfig)

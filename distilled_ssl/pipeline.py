@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 
+from .allocator import reuse_freed_memory
 from .config import RunConfig
 from .distributed import barrier, init_from_env, is_main, rank, world_size
 from .errors import ArtifactError, ConfigError, DeviceError
@@ -122,6 +123,8 @@ def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
         raise (storage_error(exc, out) or exc) from exc
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
+    if cfg.reuse_freed_memory and torch.device(cfg.device).type == "cpu":
+        reuse_freed_memory()
     barrier()  # no rank reads config.yaml before rank 0 has written it
     return ctx
 

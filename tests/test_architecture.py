@@ -13,6 +13,7 @@ PACKAGE = Path(distilled_ssl.__file__).parent
 
 # Every import points to the same layer or one below (lower number); same-layer cycles are caught below.
 LAYERS = {"_version": 0, "errors": 0, "distributed": 0, "layout": 0, "registry": 0, "io": 0, "config": 0,
+          "allocator": 0,
           "models": 1, "data": 1, "stages": 2, "sets": 2, "evaluation": 3, "pipeline": 4, "cli": 5}
 
 
