@@ -9,9 +9,9 @@ blocks stay in the process and are reused: the same numbers, without the page fa
 (``benchmarks/distill_step.py``, the "malloc" rows). The process's resident memory then stays at
 its peak instead of falling back between steps.
 
-It changes a process-wide setting, so the library calls it only where it runs the process: from
-:func:`~distilled_ssl.pipeline.prepare_run` when ``reuse_freed_memory`` is set (the default) and the
-run is on the CPU. It is the runtime form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
+It changes a process-wide setting, so the library calls it only where it runs the process
+(:func:`~distilled_ssl.pipeline.set_allocator`, from ``prepare_run`` and the ``evaluate`` command) when
+``reuse_freed_memory`` is set (the default) and the run is on the CPU. It is the runtime form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
 """
 
 from __future__ import annotations

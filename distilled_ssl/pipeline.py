@@ -123,10 +123,16 @@ def prepare_run(cfg: RunConfig, out_dir: str | Path, *, progress: bool = True,
         raise (storage_error(exc, out) or exc) from exc
     if cfg.threads is not None:
         torch.set_num_threads(cfg.threads)
-    if cfg.reuse_freed_memory and torch.device(cfg.device).type == "cpu":
-        reuse_freed_memory()
+    set_allocator(cfg)
     barrier()  # no rank reads config.yaml before rank 0 has written it
     return ctx
+
+
+def set_allocator(cfg: RunConfig) -> None:
+    """On a CPU run with ``reuse_freed_memory`` (the default), have glibc keep freed memory for reuse
+    (:mod:`~distilled_ssl.allocator`; a process-wide setting, made by the run's entry points)."""
+    if cfg.reuse_freed_memory and torch.device(cfg.device).type == "cpu":
+        reuse_freed_memory()
 
 
 def check_device(device: str) -> None:

@@ -1,5 +1,5 @@
-"""Freed memory kept for reuse (glibc): a freed large block stays in the process; prepare_run asks
-for it on CPU runs unless ``reuse_freed_memory: false``."""
+"""Freed memory kept for reuse (glibc): a freed large block stays in the process; a run's entry
+points (prepare_run, the evaluate command) ask for it on CPU runs unless ``reuse_freed_memory: false``."""
 
 from __future__ import annotations
 
@@ -10,10 +10,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from click.testing import CliRunner
 
 import distilled_ssl.pipeline as pipeline_mod
+from distilled_ssl.cli import main
 from distilled_ssl.config import RunConfig
-from distilled_ssl.pipeline import prepare_run
+from distilled_ssl.pipeline import prepare_run, set_allocator
 
 GLIBC = sys.platform == "linux" and platform.libc_ver()[0] == "glibc"
 
@@ -56,4 +58,23 @@ def test_prepare_run_asks_for_it_on_cpu_runs(tiny_cfg: RunConfig, tmp_path: Path
     prepare_run(tiny_cfg, tmp_path / "on", progress=False)
     assert len(calls) == 1
     prepare_run(tiny_cfg.override(["reuse_freed_memory=false"]), tmp_path / "off", progress=False)
+    assert len(calls) == 1
+
+
+def test_only_cpu_runs_that_want_it_ask(tiny_cfg: RunConfig, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr(pipeline_mod, "reuse_freed_memory", lambda: calls.append(None) or True)
+    set_allocator(tiny_cfg.override(["device=cuda"]))  # GPU runs: the host allocator is left alone
+    assert calls == []
+    set_allocator(tiny_cfg)
+    assert len(calls) == 1
+
+
+def test_the_evaluate_command_asks_for_it(eval_run: Path, tmp_path: Path,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[None] = []
+    monkeypatch.setattr(pipeline_mod, "reuse_freed_memory", lambda: calls.append(None) or True)
+    res = CliRunner().invoke(main, ["evaluate", str(eval_run), "--baselines", "none", "--label-fractions",
+                                    "0.25", "--knn-k", "0", "--out", str(tmp_path / "ev")])
+    assert res.exit_code == 0, res.output
     assert len(calls) == 1

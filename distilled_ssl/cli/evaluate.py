@@ -112,7 +112,7 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
 
     Writes results.json, results.md (mean ± std over seeds) and results.png."""
     from ..evaluation.run import evaluate_run
-    from ..pipeline import check_device, run_log
+    from ..pipeline import check_device, run_log, set_allocator
 
     setup_console(quiet)
     own = None
@@ -138,6 +138,7 @@ def evaluate(run_or_set: Path, baselines: str | None, downstream: str | None,
         cfg.device = device
     cfg.validate()
     check_device(cfg.device)
+    set_allocator(cfg)
     init_from_env(cfg.device)  # under torchrun: the jobs are spread over the ranks
     setup_console(quiet)
     # A run is read in place (its teacher, reps, init); results go to --out when given.
