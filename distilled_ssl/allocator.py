@@ -10,8 +10,9 @@ blocks stay in the process and are reused: the same numbers, without the page fa
 its peak instead of falling back between steps.
 
 It changes a process-wide setting, so the library calls it only where it runs the process
-(:func:`~distilled_ssl.pipeline.set_allocator`, from ``prepare_run`` and the ``evaluate`` command) when
-``reuse_freed_memory`` is set (the default) and the run is on the CPU. It is the runtime form of ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_``.
+(:func:`~distilled_ssl.pipeline.set_allocator`, from ``prepare_run`` and the ``evaluate`` command)
+when ``reuse_freed_memory`` is set (the default) and the run is on the CPU. It is the runtime form of
+the ``MALLOC_MMAP_THRESHOLD_`` / ``MALLOC_TRIM_THRESHOLD_`` environment variables.
 """
 
 from __future__ import annotations
