@@ -126,9 +126,9 @@ def test_the_real_scorer_chooses_among_the_grid(tiny_cfg: RunConfig, tmp_path: P
     ctx = _run(_cfg(tiny_cfg, [0.02, 0.3]), tmp_path / "run")
     meta = read_metadata(ctx.path("distilled.safetensors"))
     scores = meta["lr_scores"]
-    assert all(isinstance(p["fidelity_r2"], float) and 0 <= p["probe"] <= 1 for p in scores)
+    assert all(isinstance(p["fidelity_r2"], float) and 0 <= p["probe"] <= 1 for p in scores), scores
     best = max(scores, key=lambda p: p["fidelity_r2"])
-    assert _stored_lr(ctx) == pytest.approx(best["lr"])
+    assert _stored_lr(ctx) == pytest.approx(best["lr"]), scores
 
 
 def test_krr_st_sets_get_their_lr_chosen_too(tiny_cfg: RunConfig, tmp_path: Path,
